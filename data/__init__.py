@@ -1,0 +1,1 @@
+"""Corpora, tokenizers, packing and resumable per-rank loading; knows nothing of losses."""

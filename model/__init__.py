@@ -1,0 +1,1 @@
+"""Model definitions and objectives; knows nothing of Ray or the launcher."""

@@ -1,0 +1,37 @@
+"""Typed schema for the `model` config group."""
+
+from dataclasses import dataclass
+
+from orchestrator.errors import require
+
+ARCHITECTURES = ("gpt2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt-tiny"
+    arch: str = "gpt2"  # gpt2 (learned positions, GELU) or llama (RoPE, RMSNorm, SwiGLU)
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int | None = None  # llama only: grouped-query attention; None means n_head
+    n_embd: int = 64
+    intermediate_size: int | None = None  # None: 4*n_embd for gpt2, ~8/3*n_embd for llama
+    max_seq_len: int = 128  # positions the model supports; data.seq_len must fit
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    # The tokenizer decides the real vocab; pad the embedding so matmuls hit tensor-core-friendly shapes.
+    pad_vocab_to_multiple: int = 64
+    init_std: float = 0.02
+
+    def validate(self, at: str = "model") -> None:
+        require(self.arch in ARCHITECTURES, f"{at}.arch", self.arch, f"one of {', '.join(ARCHITECTURES)}")
+        for key in ("n_layer", "n_head", "n_embd", "max_seq_len", "pad_vocab_to_multiple"):
+            require(getattr(self, key) > 0, f"{at}.{key}", getattr(self, key), "a positive integer")
+        require(self.n_embd % self.n_head == 0, f"{at}.n_embd", self.n_embd,
+                f"a multiple of model.n_head ({self.n_head})")
+        kv = self.n_kv_head or self.n_head
+        require(self.n_head % kv == 0, f"{at}.n_kv_head", self.n_kv_head,
+                f"a divisor of model.n_head ({self.n_head})")
+        require(self.arch == "llama" or self.n_kv_head is None, f"{at}.n_kv_head", self.n_kv_head,
+                "null unless model.arch=llama")
+        require(0.0 <= self.dropout < 1.0, f"{at}.dropout", self.dropout, "a float in [0, 1)")

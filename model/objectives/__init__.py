@@ -1,0 +1,1 @@
+"""Registry of pretraining and fine-tuning objectives, chosen by name from `objective.name`."""

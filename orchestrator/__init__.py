@@ -1,0 +1,1 @@
+"""Driver-side orchestration: configs, Ray launch, checkpoints and tracking."""

@@ -1,0 +1,59 @@
+"""The `lmforge` command: subcommands map to functions, and every one takes Hydra overrides."""
+
+import argparse
+import sys
+
+from orchestrator.errors import LmforgeError
+from orchestrator.quiet import set_verbosity
+
+OVERRIDES_HELP = "Hydra overrides: key=value, group=option, +key=value"
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.overrides)), end="")
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+
+    cfg = load_config(args.overrides)
+    print(f"config ok: model={cfg.model.name} objective={cfg.objective.name} data={cfg.data.name} "
+          f"hardware={cfg.hardware.name} tracking={cfg.tracking.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="Train transformer language models on Ray with DeepSpeed ZeRO.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray, DeepSpeed and MLflow logs")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config = commands.add_parser("config", help="show or validate the composed config")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_commands.add_parser("show", help="print the fully resolved config as YAML")
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    show.set_defaults(func=cmd_config_show)
+    validate = config_commands.add_parser("validate", help="exit 0 if the config is valid, else explain")
+    validate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    validate.set_defaults(func=cmd_config_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    set_verbosity(args.verbose)
+    try:
+        return args.func(args)
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Hide Ray, DeepSpeed, MLflow and HF log spam unless --verbose; users should see their run."""
+
+import logging
+import os
+import warnings
+
+NOISY_LOGGERS = ("ray", "ray.train", "ray.data", "ray.tune", "DeepSpeed", "deepspeed", "mlflow", "alembic",
+                 "transformers", "datasets", "torch.distributed", "urllib3", "filelock", "fsspec", "py.warnings")
+
+# Environment for this process and every Ray worker it starts.
+QUIET_ENV = {
+    "PYTHONWARNINGS": "ignore",
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "DATASETS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "DS_LOG_LEVEL": "error",
+}
+
+# Never from any hub: the project runs offline and tests must not reach out.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
+def set_verbosity(verbose: bool) -> dict[str, str]:
+    """Quiet this process; return the env vars workers should inherit for the same behaviour."""
+    env = dict(OFFLINE_ENV)
+    if not verbose:
+        env.update(QUIET_ENV)
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    os.environ["LMFORGE_VERBOSE"] = "1" if verbose else "0"
+    if not verbose:
+        silence_loggers()
+    return {k: os.environ[k] for k in env} | {"LMFORGE_VERBOSE": os.environ["LMFORGE_VERBOSE"]}
+
+
+def silence_loggers() -> None:
+    warnings.filterwarnings("ignore")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,153 @@
+"""Typed schema for every config group; Hydra merges conf/ YAML into these dataclasses."""
+
+from dataclasses import dataclass, field
+
+from data.config import DataConfig
+from model.config import ModelConfig
+from orchestrator.errors import require
+
+BACKENDS = ("gloo", "nccl")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+OBJECTIVES = ("clm",)
+TRACKING_BACKENDS = ("mlflow", "none")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "clm"
+
+    def validate(self, at: str = "objective") -> None:
+        require(self.name in OBJECTIVES, f"{at}.name", self.name, f"one of {', '.join(OBJECTIVES)}")
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    workers: int = 2
+    min_workers: int | None = None  # set to make the run elastic between min_workers and workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    backend: str = "gloo"
+    precision: str = "fp32"
+    zero_stage: int = 2
+    offload_optimizer: str = "none"
+    offload_param: str = "none"  # ZeRO-3 only
+    nvme_path: str | None = None
+    activation_checkpointing: bool = False
+    placement_strategy: str = "PACK"
+    # Peak dense FLOP/s of one worker's device, for MFU. H100 SXM bf16 is 989e12; a CPU core is a guess.
+    peak_flops_per_worker: float = 1.0e11
+
+    def validate(self, at: str = "hardware") -> None:
+        require(self.workers >= 1, f"{at}.workers", self.workers, "an integer >= 1")
+        require(self.min_workers is None or 1 <= self.min_workers <= self.workers, f"{at}.min_workers",
+                self.min_workers, f"null or an integer in [1, hardware.workers={self.workers}]")
+        require(self.cpus_per_worker > 0, f"{at}.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        require(self.backend in BACKENDS, f"{at}.backend", self.backend, f"one of {', '.join(BACKENDS)}")
+        require(self.backend != "nccl" or self.use_gpu, f"{at}.backend", self.backend,
+                "gloo when hardware.use_gpu=false (NCCL needs GPUs)")
+        require(self.precision in PRECISIONS, f"{at}.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        require(self.precision == "fp32" or self.use_gpu, f"{at}.precision", self.precision,
+                "fp32 when hardware.use_gpu=false")
+        require(self.zero_stage in (0, 1, 2, 3), f"{at}.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        for key in ("offload_optimizer", "offload_param"):
+            value = getattr(self, key)
+            require(value in OFFLOAD_DEVICES, f"{at}.{key}", value, f"one of {', '.join(OFFLOAD_DEVICES)}")
+        require(self.offload_optimizer == "none" or self.zero_stage >= 1, f"{at}.offload_optimizer",
+                self.offload_optimizer, "none when hardware.zero_stage=0")
+        require(self.offload_param == "none" or self.zero_stage == 3, f"{at}.offload_param",
+                self.offload_param, "none unless hardware.zero_stage=3")
+        uses_nvme = "nvme" in (self.offload_optimizer, self.offload_param)
+        require(not uses_nvme or bool(self.nvme_path), f"{at}.nvme_path", self.nvme_path,
+                "a local directory when offloading to nvme")
+        require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                f"{at}.placement_strategy", self.placement_strategy, "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+        require(self.peak_flops_per_worker > 0, f"{at}.peak_flops_per_worker", self.peak_flops_per_worker,
+                "a number > 0")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300  # optimizer steps
+    micro_batch_size: int = 8  # sequences per worker per forward pass
+    gradient_accumulation_steps: int = 1
+    lr: float = 3.0e-3
+    min_lr: float = 3.0e-4
+    warmup_steps: int = 30
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    log_every: int = 10
+    eval_every: int = 100  # 0 evaluates only at the end
+    eval_batches: int = 8
+
+    def validate(self, at: str = "trainer") -> None:
+        for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every", "eval_batches"):
+            require(getattr(self, key) >= 1, f"{at}.{key}", getattr(self, key), "an integer >= 1")
+        require(self.lr > 0, f"{at}.lr", self.lr, "a float > 0")
+        require(0 <= self.min_lr <= self.lr, f"{at}.min_lr", self.min_lr, f"a float in [0, trainer.lr={self.lr}]")
+        require(0 <= self.warmup_steps < self.max_steps, f"{at}.warmup_steps", self.warmup_steps,
+                f"an integer in [0, trainer.max_steps={self.max_steps})")
+        require(self.lr_schedule in LR_SCHEDULES, f"{at}.lr_schedule", self.lr_schedule,
+                f"one of {', '.join(LR_SCHEDULES)}")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{at}.beta1/beta2", (self.beta1, self.beta2),
+                "floats in [0, 1)")
+        require(self.grad_clip >= 0, f"{at}.grad_clip", self.grad_clip, "a float >= 0")
+        require(self.eval_every >= 0, f"{at}.eval_every", self.eval_every, "an integer >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # optimizer steps; a checkpoint is always written at the end
+    keep_last: int = 3
+    storage: str | None = None  # any fsspec URI (s3://, gs://, a shared path); default under paths.root
+
+    def validate(self, at: str = "checkpoint") -> None:
+        require(self.every >= 1, f"{at}.every", self.every, "an integer >= 1")
+        require(self.keep_last >= 1, f"{at}.keep_last", self.keep_last, "an integer >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    name: str = "mlflow-local"
+    backend: str = "mlflow"
+    tracking_uri: str | None = None  # default: a SQLite store under paths.root
+    experiment: str = "lmforge"
+    # Seconds a metric call may block on an unreachable server before it is queued for later.
+    request_timeout_s: float = 5.0
+
+    def validate(self, at: str = "tracking") -> None:
+        require(self.backend in TRACKING_BACKENDS, f"{at}.backend", self.backend,
+                f"one of {', '.join(TRACKING_BACKENDS)}")
+        require(self.request_timeout_s > 0, f"{at}.request_timeout_s", self.request_timeout_s, "a number > 0")
+
+
+@dataclass
+class PathsConfig:
+    root: str = "${oc.env:LMFORGE_HOME,./lmforge_runs}"  # everything a run writes goes under here
+
+
+@dataclass
+class LmforgeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 1234
+    run_name: str | None = None  # default: <model>-<objective>-<timestamp>
+    resume: str | None = None  # a run dir, a checkpoint dir, or an MLflow run id
+
+    def validate(self) -> None:
+        for section in ("model", "objective", "data", "hardware", "tracking", "trainer", "checkpoint"):
+            getattr(self, section).validate(section)
+        require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
+                f"an integer <= model.max_seq_len={self.model.max_seq_len}")
+        require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
