@@ -1,7 +1,8 @@
 """Driver-side preparation of training data, cached by config hash, and worker-side opening of splits.
 
-A prepared directory holds `tokenizer/`, one packed block file per split and `meta.json`. The driver
-builds it once; every worker memory-maps it instead of re-tokenizing.
+A prepared directory holds `tokenizer/`, WebDataset shards per split (`train-000000.tar`, with a
+`.idx.npy` offset index beside each) and `manifest.json`. The driver builds it once, keyed by the data
+config, the seed and the inputs' sizes and mtimes; every worker memory-maps the shards.
 """
 
 import hashlib
@@ -11,47 +12,78 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from data.config import DataConfig
-from data.corpus import embedded_documents, split_documents
-from data.packing import pack_documents, token_dtype
-from data.tokenizer import load_tokenizer, train_tokenizer
+from data.shards import ShardStore, verify_shards
+from data.sources import expand_paths, is_remote
+from data.tokenizer import load_tokenizer
 from orchestrator.errors import LmforgeError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+SMALL_SOURCES = ("embedded",)  # tokenized in-process under engine=auto unless a Ray cluster is up
+
+
+def input_fingerprint(cfg: DataConfig) -> list:
+    """Path, size and mtime of each local input, so an edited file rebuilds; remote inputs by URL only."""
+    if cfg.source == "embedded":
+        return []
+    prints = []
+    for path in expand_paths(cfg.paths, cfg.source):
+        if is_remote(path):
+            prints.append([path])
+        else:
+            stat = os.stat(path)
+            prints.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    return prints
 
 
 def data_key(cfg: DataConfig, seed: int) -> str:
-    blob = json.dumps({"data": asdict(cfg), "seed": seed, "format": FORMAT_VERSION}, sort_keys=True)
+    config = asdict(cfg)
+    config.pop("engine")  # every engine writes identical output
+    config.pop("prepared_dir")
+    blob = json.dumps({"data": config, "seed": seed, "format": FORMAT_VERSION,
+                       "inputs": input_fingerprint(cfg)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int) -> Path:
-    """Return the prepared directory for `cfg`, building it if this exact config was never prepared."""
-    out = Path(root) / "data" / f"{cfg.name}-{data_key(cfg, seed)}"
-    if (out / "meta.json").is_file():
+def prepared_path(cfg: DataConfig, root: str | Path, seed: int) -> Path:
+    base = Path(cfg.prepared_dir).expanduser() if cfg.prepared_dir else Path(root) / "data"
+    return base / f"{cfg.name}-{data_key(cfg, seed)}"
+
+
+def choose_engine(cfg: DataConfig) -> str:
+    if cfg.engine != "auto":
+        return cfg.engine
+    import sys
+
+    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    return "ray" if ray_up and cfg.source not in SMALL_SOURCES else "local"
+
+
+def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: str | None = None,
+                          progress: bool = False) -> Path:
+    """Return the prepared directory for `cfg`, building it if this exact config and input were never prepared.
+
+    `engine` overrides `cfg.engine` (ray: Ray Data map_batches; local: this process).
+    """
+    out = prepared_path(cfg, root, seed)
+    if (out / MANIFEST).is_file():
         return out
-    if cfg.source != "embedded":
-        raise LmforgeError(f"data.source={cfg.source} needs `lmforge data prepare` support, not available yet")
-    train_docs, val_docs = split_documents(embedded_documents(), cfg.val_fraction, seed)
+    from data.pipeline import build
+
+    engine = engine or choose_engine(cfg)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tokenizer = train_tokenizer(train_docs, cfg.tokenizer)
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    dtype = token_dtype(len(tokenizer))
-    counts = {}
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-        blocks = pack_documents(ids, cfg.seq_len, tokenizer.eos_token_id, dtype)
-        if len(blocks) == 0:
-            raise LmforgeError(f"data split '{split}' is shorter than one block of data.seq_len={cfg.seq_len}")
-        np.save(tmp / f"{split}.npy", blocks)
-        counts[split] = {"documents": len(docs), "blocks": len(blocks), "tokens": int(blocks.size)}
-    meta = {"format": FORMAT_VERSION, "seq_len": cfg.seq_len, "vocab_size": len(tokenizer),
-            "source": cfg.source, "splits": counts, "config": asdict(cfg)}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        manifest = build(cfg, tmp, seed, engine, progress)
+        manifest = {"format": FORMAT_VERSION, "name": cfg.name, "source": cfg.source, "seq_len": cfg.seq_len,
+                    "packed": cfg.packed, "dtype": shard_dtype(manifest["vocab_size"]), "seed": seed,
+                    "key": out.name, **manifest, "inputs": input_fingerprint(cfg), "config": asdict(cfg)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # Rename is atomic, so a crash or a concurrent prepare never leaves a half-written directory in use.
     try:
         tmp.rename(out)
@@ -60,14 +92,38 @@ def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int) -> Path:
     return out
 
 
+def shard_dtype(vocab_size: int) -> str:
+    from data.packing import token_dtype
+
+    return token_dtype(vocab_size).name
+
+
 def read_meta(prepared: str | Path) -> dict:
-    return json.loads((Path(prepared) / "meta.json").read_text())
+    """The manifest: seq_len, vocab_size, splits (documents, blocks, tokens, shards), counts, config."""
+    path = Path(prepared) / MANIFEST
+    if not path.is_file():
+        raise LmforgeError(f"{prepared} is not a prepared corpus (no {MANIFEST}); run `lmforge data prepare`")
+    return json.loads(path.read_text())
 
 
-def open_split(prepared: str | Path, split: str) -> np.ndarray:
-    """A read-only memory map of packed blocks [n_blocks, seq_len] for `split` (train or val)."""
-    return np.load(Path(prepared) / f"{split}.npy", mmap_mode="r")
+def open_split(prepared: str | Path, split: str) -> ShardStore:
+    """Random access to the samples [seq_len] of `split` (train or val) in the prepared shards."""
+    meta = read_meta(prepared)
+    if split not in meta["splits"]:
+        raise LmforgeError(f"no split '{split}' in {prepared}; it has {', '.join(meta['splits'])}")
+    pad = meta["pad_id"] if meta.get("pad_id") is not None else 0
+    return ShardStore(prepared, meta["splits"][split]["shards"], meta["dtype"], meta["seq_len"], pad)
+
+
+def verify(prepared: str | Path) -> list[str]:
+    """Shards whose checksum no longer matches the manifest."""
+    meta = read_meta(prepared)
+    return [bad for s in meta["splits"].values() for bad in verify_shards(prepared, s["shards"])]
 
 
 def open_tokenizer(prepared: str | Path):
-    return load_tokenizer(Path(prepared) / "tokenizer")
+    path = Path(prepared) / "tokenizer"
+    if not path.is_dir():
+        raise LmforgeError(f"{prepared} has no tokenizer (pre-tokenized input without data.tokenizer.kind="
+                           f"pretrained and data.tokenizer.path)")
+    return load_tokenizer(path)
