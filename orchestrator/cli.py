@@ -25,6 +25,29 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.launcher import train
+    from orchestrator.tracking import tracking_uri
+
+    cfg = load_config(args.overrides)
+    result = train(cfg, args.overrides, address=args.address, worker_env=args.worker_env)
+    shown = {k: v for k, v in result.metrics.items() if k in ("train/loss", "val/loss", "val/perplexity")}
+    print(f"run:         {result.run_name}  ({', '.join(f'{k}={v:.4g}' for k, v in shown.items())})")
+    print(f"checkpoints: {result.run_dir}")
+    if result.checkpoint:
+        print(f"latest:      {result.checkpoint}")
+    if result.seconds_to_first_step is not None:
+        print(f"first step:  {result.seconds_to_first_step:.1f}s after start")
+    if result.mlflow_run_id:
+        uri = tracking_uri(cfg.tracking, cfg.paths.root)
+        print(f"mlflow run:  {result.mlflow_run_id}  in {uri}")
+        print(f"browse:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    print(f"resume:      lmforge train resume={result.run_dir}")
+    print(f"export:      lmforge export {result.run_dir} --out {cfg.paths.root}/export/{result.run_name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge", description="Train transformer language models on Ray with DeepSpeed ZeRO.")
@@ -39,12 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate = config_commands.add_parser("validate", help="exit 0 if the config is valid, else explain")
     validate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     validate.set_defaults(func=cmd_config_validate)
+
+    train = commands.add_parser("train", help="pretrain or fine-tune on Ray Train with DeepSpeed ZeRO")
+    train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; resume=<run dir | MLflow run id>")
+    train.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    set_verbosity(args.verbose)
+    args.worker_env = set_verbosity(args.verbose)
     try:
         return args.func(args)
     except LmforgeError as e:

@@ -84,6 +84,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 100  # 0 evaluates only at the end
     eval_batches: int = 8
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
 
     def validate(self, at: str = "trainer") -> None:
         for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every", "eval_batches"):
@@ -97,6 +98,7 @@ class TrainerConfig:
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{at}.beta1/beta2", (self.beta1, self.beta2),
                 "floats in [0, 1)")
         require(self.grad_clip >= 0, f"{at}.grad_clip", self.grad_clip, "a float >= 0")
+        require(self.max_failures >= -1, f"{at}.max_failures", self.max_failures, "an integer >= 0, or -1 for no limit")
         require(self.eval_every >= 0, f"{at}.eval_every", self.eval_every, "an integer >= 0")
 
 
@@ -117,13 +119,18 @@ class TrackingConfig:
     backend: str = "mlflow"
     tracking_uri: str | None = None  # default: a SQLite store under paths.root
     experiment: str = "lmforge"
-    # Seconds a metric call may block on an unreachable server before it is queued for later.
+    # Seconds one MLflow request may wait. Metric calls never wait: a background thread sends them,
+    # and at start-up an unreachable server fails the submit after about this long.
     request_timeout_s: float = 5.0
+    # Metrics held in memory while the server is unreachable; beyond this the oldest are dropped and counted.
+    max_queued_metrics: int = 100_000
 
     def validate(self, at: str = "tracking") -> None:
         require(self.backend in TRACKING_BACKENDS, f"{at}.backend", self.backend,
                 f"one of {', '.join(TRACKING_BACKENDS)}")
         require(self.request_timeout_s > 0, f"{at}.request_timeout_s", self.request_timeout_s, "a number > 0")
+        require(self.max_queued_metrics >= 1, f"{at}.max_queued_metrics", self.max_queued_metrics,
+                "an integer >= 1")
 
 
 @dataclass

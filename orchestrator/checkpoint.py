@@ -1,0 +1,130 @@
+"""Checkpoints: every rank's DeepSpeed shards plus step, RNG, data position and config; committed last.
+
+Each rank saves into its own local directory and hands it to `ray.train.report`, which persists all ranks'
+files into one checkpoint directory in the run's storage (local path or any fsspec URI). Rank 0 writes
+`lmforge_checkpoint.json` only after every rank has finished writing, and it lists every file the
+checkpoint must contain. A checkpoint counts as complete only when that marker exists and every listed
+file is present, so a crash at any point during a save leaves a directory that resume skips.
+"""
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "lmforge_checkpoint.json"
+DS_TAG = "ds"
+FAULT_ENV = "LMFORGE_FAULT_BEFORE_COMMIT_STEP"  # test hook: crash after shards, before the marker
+
+
+@dataclass
+class Restored:
+    step: int
+    loader_state: dict
+    world_size: int
+
+
+def dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()[1].tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), 0, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_shards(engine, local_dir: Path, step: int, rank: int, world_size: int, loader_state: dict,
+                metrics: dict, config: dict, tokenizer) -> None:
+    """Collective: every rank writes its shards into `local_dir`; rank 0 then commits the marker."""
+    engine.save_checkpoint(str(local_dir), tag=DS_TAG, client_state={"step": step})
+    if rank == 0:  # the checkpoint carries its tokenizer, so export needs nothing else
+        tokenizer.save_pretrained(str(local_dir / "tokenizer"))
+    # Our own file, read back with weights_only=True: plain tensors, tuples and ints only.
+    torch.save(rng_state(), local_dir / f"rng_rank{rank}.pt")
+    mine = sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file())
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    if rank != 0:
+        return
+    if os.environ.get(FAULT_ENV) == str(step):
+        os._exit(17)
+    files = sorted({f for rank_files in everyone for f in rank_files})
+    marker = {"step": step, "world_size": world_size, "loader": loader_state, "metrics": metrics,
+              "config": config, "files": files}
+    # Written to a temporary name and renamed, so a torn write never looks like a marker.
+    tmp = local_dir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(marker, indent=1))
+    tmp.rename(local_dir / MARKER)
+
+
+def is_complete(path: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(path)
+    marker = f"{root}/{MARKER}"
+    if not fs.exists(marker):
+        return False
+    with fs.open(marker) as f:
+        files = json.load(f)["files"]
+    present = {p[len(root) + 1:] for p in fs.find(root)}
+    return all(f in present for f in files)
+
+
+def read_marker(path: str) -> dict:
+    with fsspec.open(f"{path.rstrip('/')}/{MARKER}") as f:
+        return json.load(f)
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under a run directory as (step, uri), oldest first."""
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    if not fs.exists(root):
+        return []
+    protocol = run_dir.split("://")[0] + "://" if "://" in run_dir else ""
+    found = []
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        uri = protocol + entry if protocol and not entry.startswith(protocol) else entry
+        if name.startswith("checkpoint_") and is_complete(uri):
+            found.append((read_marker(uri)["step"], uri))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def restore(engine, checkpoint_dir: Path, rank: int) -> Restored:
+    """Load every rank's state from a local copy of a complete checkpoint."""
+    marker = json.loads((checkpoint_dir / MARKER).read_text())
+    engine.load_checkpoint(str(checkpoint_dir), tag=DS_TAG, load_optimizer_states=True,
+                           load_lr_scheduler_states=True)
+    rng_file = checkpoint_dir / f"rng_rank{rank}.pt"
+    if marker["world_size"] == dist.get_world_size() and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        # A different world size has no one-to-one RNG mapping; derive a fresh, reproducible state.
+        seed = (marker["config"]["seed"] * 1_000_003 + marker["step"] * 1_009 + rank) % 2**31
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+    return Restored(step=marker["step"], loader_state=marker["loader"], world_size=marker["world_size"])
+
+
+def directory_size(path: str) -> int:
+    fs, root = fsspec.core.url_to_fs(path)
+    return sum(info.get("size", 0) or 0 for info in fs.find(root, detail=True).values())

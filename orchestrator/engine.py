@@ -1,0 +1,81 @@
+"""DeepSpeed set-up: the DeepSpeed config is derived from the lmforge config, the single source of truth."""
+
+import math
+
+import torch
+
+from orchestrator.schema import HardwareConfig, LmforgeConfig, TrainerConfig
+
+
+def deepspeed_config(cfg: LmforgeConfig, world_size: int) -> dict:
+    hw, tr = cfg.hardware, cfg.trainer
+    zero: dict = {"stage": hw.zero_stage}
+    if hw.zero_stage in (1, 2):
+        # Lets a stage-1/2 checkpoint load under a different number of workers (elastic restarts).
+        zero["elastic_checkpoint"] = True
+    if hw.zero_stage >= 2:
+        zero.update(overlap_comm=hw.use_gpu, contiguous_gradients=True)
+    if hw.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(hw, hw.offload_optimizer)
+    if hw.offload_param != "none":
+        zero["offload_param"] = _offload(hw, hw.offload_param)
+    return {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.gradient_accumulation_steps,
+        "train_batch_size": tr.micro_batch_size * tr.gradient_accumulation_steps * world_size,
+        "gradient_clipping": tr.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": tr.lr, "betas": [tr.beta1, tr.beta2], "eps": 1e-8, "weight_decay": tr.weight_decay}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": hw.precision == "bf16"},
+        "fp16": {"enabled": hw.precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # lmforge does the logging
+        "wall_clock_breakdown": False,
+    }
+
+
+def _offload(hw: HardwareConfig, device: str) -> dict:
+    spec = {"device": device, "pin_memory": hw.use_gpu}
+    if device == "nvme":
+        spec["nvme_path"] = hw.nvme_path
+    return spec
+
+
+def lr_at(step: int, tr: TrainerConfig) -> float:
+    """Linear warmup to `lr`, then cosine or linear decay to `min_lr` at `max_steps`."""
+    if step < tr.warmup_steps:
+        return tr.lr * (step + 1) / tr.warmup_steps
+    if tr.lr_schedule == "constant":
+        return tr.lr
+    progress = min(1.0, (step - tr.warmup_steps) / max(1, tr.max_steps - tr.warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if tr.lr_schedule == "cosine" else 1.0 - progress
+    return tr.min_lr + (tr.lr - tr.min_lr) * shape
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # Decaying biases, norms and embeddings hurts; only matmul weights get weight decay.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "wte" not in name and "wpe" not in name and "embed" not in name
+         else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, cfg: LmforgeConfig, world_size: int):
+    """Wrap `model` in a DeepSpeed engine with AdamW and the warmup/decay schedule from the config."""
+    import deepspeed
+
+    if cfg.hardware.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tr = cfg.trainer
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, tr.weight_decay),
+        config=deepspeed_config(cfg, world_size),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, tr) / tr.lr),
+        dist_init_required=False,
+    )
+    return engine

@@ -1,0 +1,78 @@
+"""Consolidate a checkpoint's ZeRO shards (any stage) into a Hugging Face model directory, and sample."""
+
+import tempfile
+from pathlib import Path
+
+import fsspec
+import torch
+
+from data.tokenizer import load_tokenizer
+from model.gpt import build_model
+from orchestrator import checkpoint, runs
+from orchestrator.config import from_dict
+from orchestrator.errors import LmforgeError
+from orchestrator.schema import LmforgeConfig
+
+
+def load_trained(target: str, cfg: LmforgeConfig):
+    """(model, tokenizer, marker) for a run dir, checkpoint dir or MLflow run id; weights in fp32."""
+    _, ckpt = runs.resolve(target, cfg)
+    if ckpt is None:
+        raise LmforgeError(f"{target} has no complete checkpoint yet")
+    with tempfile.TemporaryDirectory(prefix="lmforge-export-") as tmp:
+        local = _local_copy(ckpt, Path(tmp))
+        marker = checkpoint.read_marker(str(local))
+        saved = from_dict(marker["config"])
+        tokenizer = load_tokenizer(local / "tokenizer")
+        model = build_model(saved.model, tokenizer, saved.seed)
+        state = consolidated_state_dict(local, saved.hardware.zero_stage)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
+        raise LmforgeError(f"checkpoint {ckpt} does not match model {saved.model.name}: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    model.config.use_cache = True
+    return model.eval(), tokenizer, marker
+
+
+def consolidated_state_dict(local: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    if zero_stage == 0:
+        # Without ZeRO, rank 0's model file holds the full module state.
+        states = torch.load(local / checkpoint.DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=checkpoint.DS_TAG)
+
+
+def export(target: str, out: str, cfg: LmforgeConfig) -> Path:
+    model, tokenizer, marker = load_trained(target, cfg)
+    out_dir = Path(out).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / "lmforge_export.json").write_text(
+        __import__("json").dumps({"step": marker["step"], "metrics": marker["metrics"]}, indent=1))
+    return out_dir
+
+
+def generate(target: str, prompt: str, cfg: LmforgeConfig, max_new_tokens: int = 64,
+             temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> str:
+    model, tokenizer, _ = load_trained(target, cfg)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                temperature=temperature or None, top_k=top_k,
+                                pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def _local_copy(uri: str, tmp: Path) -> Path:
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        return Path(path)
+    fs.get(path, str(tmp / "checkpoint"), recursive=True)
+    return tmp / "checkpoint"

@@ -1,0 +1,145 @@
+"""Driver side of `lmforge train`: prepare data once, start or join Ray, run TorchTrainer, track the run."""
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from data.prepared import prepare_training_data
+from orchestrator import runs
+from orchestrator.config import GROUPS, from_dict, to_dict
+from orchestrator.errors import LmforgeError
+from orchestrator.schema import LmforgeConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_EXCLUDES = [".venv/", ".git/", "lmforge_runs/", "bench/", "tests/", "**/__pycache__/", "*.db"]
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: str
+    mlflow_run_id: str | None
+    metrics: dict
+    checkpoint: str | None
+    seconds_to_first_step: float | None
+
+
+def apply_resume(cfg: LmforgeConfig, overrides: list[str]) -> tuple[LmforgeConfig, dict, str | None]:
+    """The saved run's config, with only the keys given on this command line changed."""
+    run_dir, latest = runs.resolve(cfg.resume, cfg)
+    info = runs.read_run_info(run_dir)
+    if info is None:
+        raise LmforgeError(f"{run_dir} has no {runs.RUN_INFO}; it was not written by lmforge train")
+    merged = OmegaConf.create(info["config"])
+    fresh = OmegaConf.structured(cfg)
+    for item in overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key in GROUPS:  # hardware=gpu-8: take the whole freshly composed group
+            if key != "experiment":
+                merged[key] = fresh[key]
+        elif key != "resume":
+            OmegaConf.update(merged, key, OmegaConf.select(fresh, key), force_add=True)
+    merged.paths = fresh.paths
+    merged.resume = cfg.resume
+    resumed = from_dict(OmegaConf.to_container(merged))
+    resumed.validate()
+    return resumed, info, latest
+
+
+def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str]) -> None:
+    import ray
+
+    verbose = os.environ.get("LMFORGE_VERBOSE") == "1"
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env}
+    if address:
+        # A remote cluster gets this checkout as the job's working directory; the packages are top-level.
+        runtime_env |= {"working_dir": str(REPO_ROOT), "excludes": SHIPPED_EXCLUDES}
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose,
+                 logging_level="INFO" if verbose else "ERROR")
+        return
+    cpus = max(os.cpu_count() or 1, int(cfg.hardware.workers * cfg.hardware.cpus_per_worker) + 1)
+    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
+             log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR",
+             _temp_dir=os.environ.get("LMFORGE_RAY_TMP"))
+
+
+def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
+          worker_env: dict[str, str] | None = None) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from orchestrator.progress import follow
+    from orchestrator.tracking import finish_run, start_run
+
+    wall_started = time.time()
+    resume_from = None
+    if cfg.resume:
+        cfg, info, resume_from = apply_resume(cfg, overrides)
+        run_name, mlflow_run_id = info["run_name"], info["mlflow_run_id"]
+    else:
+        run_name, mlflow_run_id = cfg.run_name or runs.default_run_name(cfg), None
+    run_dir = f"{runs.storage_root(cfg)}/{run_name}"
+    if not cfg.resume and runs.read_run_info(run_dir) is not None:
+        raise LmforgeError(f"run {run_name} already exists in {run_dir}; pass resume={run_dir} to continue it")
+
+    prepared = str(prepare_training_data(cfg.data, cfg.paths.root, cfg.seed))
+    config_dict = to_dict(cfg)
+    mlflow_run_id = start_run(cfg.tracking, cfg.paths.root, run_name, params=config_dict,
+                              tags={"lmforge.run_dir": run_dir, "lmforge.prepared_data": prepared},
+                              run_id=mlflow_run_id)
+    runs.write_run_info(run_dir, {"run_name": run_name, "mlflow_run_id": mlflow_run_id, "config": config_dict,
+                                  "prepared": prepared})
+
+    hw = cfg.hardware
+    connect(address, cfg, worker_env or {})
+    events = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": config_dict, "prepared": prepared, "mlflow_run_id": mlflow_run_id,
+                           "run_dir": run_dir, "progress": events},
+        torch_config=TorchConfig(backend=hw.backend),
+        scaling_config=ScalingConfig(
+            num_workers=(hw.min_workers, hw.workers) if hw.min_workers else hw.workers,
+            use_gpu=hw.use_gpu, resources_per_worker={"CPU": hw.cpus_per_worker} | ({"GPU": 1} if hw.use_gpu else {}),
+            placement_strategy=hw.placement_strategy),
+        run_config=RunConfig(
+            name=run_name, storage_path=runs.storage_root(cfg),
+            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
+        resume_from_checkpoint=ray.train.Checkpoint(resume_from) if resume_from else None,
+    )
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the main thread
+            outcome["error"] = e
+
+    fitter = threading.Thread(target=fit, daemon=True)
+    fitter.start()
+    metrics = follow(events, fitter)
+    fitter.join()
+    first_step = metrics.pop("first_step_at", None)
+    if "error" in outcome:
+        finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FAILED")
+        raise LmforgeError(f"training failed: {outcome['error']}") from outcome["error"]
+    finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FINISHED")
+    from orchestrator.checkpoint import latest_checkpoint
+
+    return TrainResult(run_name, run_dir, mlflow_run_id, metrics, latest_checkpoint(run_dir),
+                       first_step - wall_started if first_step else None)
+
+
+def _train_loop(loop_config: dict) -> None:
+    # Imported on the worker, so the driver never pays for DeepSpeed's import.
+    from orchestrator.worker import train_loop
+
+    train_loop(loop_config)

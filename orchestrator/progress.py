@@ -1,0 +1,40 @@
+"""Console progress for a training run: rank 0 sends events through a Ray queue, the driver draws them."""
+
+import queue
+import sys
+import threading
+
+from tqdm import tqdm
+
+SHOWN = (("train/loss", "loss", "{:.3f}"), ("val/loss", "val", "{:.3f}"), ("train/lr", "lr", "{:.1e}"),
+         ("train/tokens_per_second", "tok/s", "{:,.0f}"), ("train/mfu", "mfu", "{:.1%}"))
+
+
+def follow(events, worker: threading.Thread, bar_position: int = 0) -> dict:
+    """Draw a progress bar with an ETA until `worker` (running trainer.fit) ends; return the last metrics."""
+    bar, last = None, {}
+    while worker.is_alive() or not events.empty():
+        try:
+            event = events.get(timeout=0.5)
+        except (queue.Empty, Exception):  # ray.util.queue.Empty is not queue.Empty
+            continue
+        if event["event"] == "first_step":
+            last.setdefault("first_step_at", event["time"])
+            continue
+        if event["event"] == "start":
+            if bar is None:
+                bar = tqdm(total=event["max_steps"], initial=event["step"], unit="step", file=sys.stderr,
+                           dynamic_ncols=True, position=bar_position, desc="train")
+            else:  # a restart after a failure resumes from a checkpoint
+                bar.n = event["step"]
+                bar.write(f"restarted from step {event['step']}")
+            continue
+        last.update({k: v for k, v in event.items() if "/" in k})
+        if bar is not None:
+            bar.n = event["step"]
+            bar.set_postfix_str("  ".join(f"{name} {fmt.format(last[key])}" for key, name, fmt in SHOWN
+                                          if key in last), refresh=False)
+            bar.refresh()
+    if bar is not None:
+        bar.close()
+    return last

@@ -1,0 +1,131 @@
+"""The per-worker training loop that Ray Train runs on every rank."""
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from data.loader import ResumableLoader
+from data.prepared import open_split, open_tokenizer
+from model.gpt import build_model
+from model.objectives import get_objective
+from orchestrator import checkpoint
+from orchestrator.config import from_dict, to_dict
+from orchestrator.engine import build_engine
+from orchestrator.metrics import StepMeter
+from orchestrator.quiet import silence_loggers
+from orchestrator.tracking import RunTracker
+
+
+def train_loop(loop_config: dict) -> None:
+    if os.environ.get("LMFORGE_VERBOSE") != "1":
+        silence_loggers()
+    cfg = from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    tr = cfg.trainer
+
+    tokenizer = open_tokenizer(loop_config["prepared"])
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    num_params = sum(p.numel() for p in model.parameters())
+    engine = build_engine(model, cfg, world_size)
+    objective = get_objective(cfg.objective.name)
+    loader = ResumableLoader(open_split(loop_config["prepared"], "train"), tr.micro_batch_size, rank,
+                             world_size, cfg.seed, cfg.data.shuffle)
+
+    step = 0
+    if (resume_from := ray.train.get_checkpoint()) is not None:
+        with resume_from.as_directory() as local:
+            restored = checkpoint.restore(engine, Path(local), rank)
+        step = restored.step
+        loader.load_state_dict(restored.loader_state)
+
+    tracker = RunTracker(cfg.tracking, cfg.paths.root, loop_config["mlflow_run_id"]) if rank == 0 else None
+    progress = loop_config.get("progress")
+    tokens_per_step = tr.micro_batch_size * tr.gradient_accumulation_steps * world_size * cfg.data.seq_len
+    meter = StepMeter(tokens_per_step, num_params, cfg.model, cfg.data.seq_len,
+                      cfg.hardware.peak_flops_per_worker, world_size)
+    if rank == 0 and progress is not None:
+        progress.put({"event": "start", "step": step, "max_steps": tr.max_steps, "num_params": num_params})
+
+    last = {}
+    while step < tr.max_steps:
+        meter.start()
+        loss = train_step(engine, loader, objective, tr.gradient_accumulation_steps)
+        meter.stop()
+        step += 1
+        if rank == 0 and progress is not None and not last:
+            progress.put({"event": "first_step", "time": time.time()})
+        last = {"train/loss": loss, "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm(engine)}
+        if step % tr.log_every == 0 or step == tr.max_steps:
+            last |= {f"train/{k}": v for k, v in meter.read().items()}
+            publish(rank, tracker, progress, last, step)
+        if (tr.eval_every and step % tr.eval_every == 0) or step == tr.max_steps:
+            last |= evaluate(engine, objective, loop_config["prepared"], cfg, rank, world_size)
+            publish(rank, tracker, progress, last, step)
+        if step % cfg.checkpoint.every == 0 or step == tr.max_steps:
+            save_and_report(engine, step, rank, world_size, loader, last, cfg, tracker, loop_config["run_dir"],
+                            tokenizer)
+    if tracker is not None:
+        tracker.close()
+
+
+def train_step(engine, loader: ResumableLoader, objective, accumulation: int) -> float:
+    """One optimizer step over `accumulation` micro-batches; returns the loss averaged over all ranks."""
+    engine.train()
+    total = torch.zeros((), dtype=torch.float64)
+    for _ in range(accumulation):
+        batch = {k: v.to(engine.device) for k, v in objective.collate(loader.next_batch()).items()}
+        loss = objective.loss(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().double().cpu()
+    dist.all_reduce(total)
+    return total.item() / (accumulation * dist.get_world_size())
+
+
+def grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+@torch.no_grad()
+def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int) -> dict[str, float]:
+    """Mean validation loss over the same fixed, unshuffled blocks every time, split across ranks."""
+    engine.eval()
+    store = open_split(prepared, "val")
+    batch_size = min(cfg.trainer.micro_batch_size, max(1, len(store) // world_size))
+    loader = ResumableLoader(store, batch_size, rank, world_size, cfg.seed, shuffle=False)
+    n_batches = max(1, min(cfg.trainer.eval_batches, len(store) // (batch_size * world_size)))
+    total = torch.zeros((), dtype=torch.float64)
+    for _ in range(n_batches):
+        batch = {k: v.to(engine.device) for k, v in objective.collate(loader.next_batch()).items()}
+        total += objective.loss(engine, batch).double().cpu()
+    dist.all_reduce(total)
+    mean = total.item() / (n_batches * world_size)
+    return {f"val/{k}": v for k, v in objective.metrics(mean).items()}
+
+
+def publish(rank: int, tracker, progress, metrics: dict, step: int) -> None:
+    if rank != 0:
+        return
+    tracker.log_metrics(metrics, step)
+    if progress is not None:
+        progress.put({"event": "metrics", "step": step, **metrics})
+
+
+def save_and_report(engine, step: int, rank: int, world_size: int, loader: ResumableLoader, metrics: dict,
+                    cfg, tracker, run_dir: str, tokenizer) -> None:
+    """Every rank saves and reports its shards; Ray persists them all into one checkpoint directory."""
+    with tempfile.TemporaryDirectory(prefix="lmforge-ckpt-") as local:
+        checkpoint.save_shards(engine, Path(local), step, rank, world_size, loader.state_dict(), metrics,
+                               to_dict(cfg), tokenizer)
+        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_dir_name=checkpoint.dir_name(step))
+    if rank == 0:
+        uri = f"{run_dir}/{checkpoint.dir_name(step)}"
+        tracker.log_checkpoint(step, uri, checkpoint.directory_size(uri), metrics)
