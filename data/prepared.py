@@ -127,3 +127,22 @@ def open_tokenizer(prepared: str | Path):
         raise LmforgeError(f"{prepared} has no tokenizer (pre-tokenized input without data.tokenizer.kind="
                            f"pretrained and data.tokenizer.path)")
     return load_tokenizer(path)
+
+
+def summarize(prepared: str | Path) -> str:
+    """A few lines for people: where the corpus is, what it holds and what was dropped and why."""
+    meta = read_meta(prepared)
+    lines = [f"prepared {meta['name']} ({meta['source']}) in {prepared}"]
+    for split, s in meta["splits"].items():
+        lines.append(f"  {split}: {s['documents']} documents, {s['blocks']} samples of {meta['seq_len']} tokens, "
+                     f"{s['tokens']} tokens in {len(s['shards'])} shard(s)")
+    counts = meta["counts"]
+    dropped = {k: v for k, v in counts.items() if k.startswith("dropped_") or k in SKIP_COUNTS}
+    lines.append("  dropped/skipped: " + (", ".join(f"{k}={v}" for k, v in dropped.items()) or "none"))
+    lines.append(f"  vocab_size={meta['vocab_size']} tokenizer_sha256={str(meta['tokenizer_sha256'])[:12]} "
+                 f"engine={meta['engine']} built in {meta['seconds']}s")
+    return "\n".join(lines)
+
+
+SKIP_COUNTS = ("empty_files", "malformed_json", "missing_field", "corrupt_shards", "utf8_bytes_replaced",
+               "blank_lines", "tokens_dropped_last_block")

@@ -48,6 +48,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from data.prepared import MANIFEST, prepare_training_data, prepared_path, summarize
+    from orchestrator.config import load_config
+
+    cfg = load_config(args.overrides)
+    cached = (prepared_path(cfg.data, cfg.paths.root, cfg.seed) / MANIFEST).is_file()
+    # The CLI is the cluster-scale path: tokenize with Ray Data unless the user asked for engine=local.
+    engine = "ray" if cfg.data.engine == "auto" else cfg.data.engine
+    out = prepare_training_data(cfg.data, cfg.paths.root, cfg.seed, engine=engine, progress=True)
+    print(("reused " if cached else "") + summarize(out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge", description="Train transformer language models on Ray with DeepSpeed ZeRO.")
@@ -62,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate = config_commands.add_parser("validate", help="exit 0 if the config is valid, else explain")
     validate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     validate.set_defaults(func=cmd_config_validate)
+
+    data = commands.add_parser("data", help="prepare corpora into tokenized WebDataset shards")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    prepare = data_commands.add_parser("prepare", help="clean, tokenize (Ray Data), pack and shard conf/data")
+    prepare.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    prepare.set_defaults(func=cmd_data_prepare)
 
     train = commands.add_parser("train", help="pretrain or fine-tune on Ray Train with DeepSpeed ZeRO")
     train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
