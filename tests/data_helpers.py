@@ -41,17 +41,9 @@ WORDS = [
 
 
 def make_cfg(source: str, paths: list, **overrides) -> DataConfig:
-    clean = overrides.pop("clean", CleanConfig())
-    cfg = DataConfig(
-        name="t",
-        source=source,
-        paths=[str(p) for p in paths],
-        seq_len=32,
-        val_fraction=0.2,
-        tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1),
-        clean=clean,
-        **overrides,
-    )
+    settings = {"name": "t", "seq_len": 32, "val_fraction": 0.2, "clean": CleanConfig(),
+                "tokenizer": TokenizerConfig(vocab_size=300, min_frequency=1)} | overrides
+    cfg = DataConfig(source=source, paths=[str(p) for p in paths], **settings)
     cfg.validate()
     return cfg
 

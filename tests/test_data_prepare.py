@@ -1,0 +1,210 @@
+"""`prepare` turns every source into readable WebDataset shards with an honest manifest, and caches by config."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import make_cfg, make_docs
+
+from data.config import CleanConfig
+from data.prepared import open_split, open_tokenizer, prepare_training_data, read_meta, verify
+
+
+def all_tokens(prepared, split="train") -> np.ndarray:
+    store = open_split(prepared, split)
+    return np.concatenate([store[i] for i in range(len(store))]) if len(store) else np.empty(0)
+
+
+def decoded_text(prepared) -> str:
+    tok = open_tokenizer(prepared)
+    return tok.decode(np.concatenate([all_tokens(prepared, "train"), all_tokens(prepared, "val")]).tolist())
+
+
+def write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_text_files_become_webdataset_shards_any_reader_can_open(tmp_path):
+    docs = make_docs(40)
+    for i in range(4):
+        (tmp_path / f"part{i}.txt").write_text("\n\n".join(docs[i * 10:(i + 1) * 10]))
+    cfg = make_cfg("text", [tmp_path / "*.txt"], text_unit="paragraph", shard_mb=0.01)
+    out = prepare_training_data(cfg, tmp_path / "root", seed=0)
+    meta = read_meta(out)
+    assert meta["counts"]["documents_read"] == 40 and meta["counts"]["documents_kept"] == 40
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+    assert meta["splits"]["val"]["documents"] == 8  # exactly val_fraction of documents
+    shards = meta["splits"]["train"]["shards"]
+    assert len(shards) > 1 and all(len(s["sha256"]) == 64 for s in shards)
+    assert meta["tokenizer_sha256"] and meta["config"]["source"] == "text" and verify(out) == []
+    # The shards are plain WebDataset: the webdataset library reads the same blocks the store serves.
+    import webdataset as wds
+
+    urls = [str(out / s["name"]) for s in shards]
+    blocks = [s["input_ids.npy"] for s in wds.WebDataset(urls, shardshuffle=False).decode()]
+    store = open_split(out, "train")
+    assert len(blocks) == len(store) == meta["splits"]["train"]["blocks"]
+    assert all(np.array_equal(b, store[i]) for i, b in enumerate(blocks))
+    # Every kept word survives tokenization and packing (only the ragged tail of a split is cut).
+    text = decoded_text(out)
+    assert sum(d.split(": ", 1)[1][:20] in text for d in docs) >= 38
+
+
+@pytest.mark.parametrize("source", ["jsonl", "csv", "parquet", "hf_disk"])
+def test_record_sources_read_the_configured_field(tmp_path, source):
+    import datasets
+
+    docs = make_docs(30)
+    records = [{"id": i, "body": d, "title": f"title{i}"} for i, d in enumerate(docs)]
+    ds = datasets.Dataset.from_list(records)
+    path = tmp_path / f"corpus.{source}"
+    if source == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif source == "csv":
+        ds.to_csv(str(path), index=False)
+    elif source == "parquet":
+        ds.to_parquet(str(path))
+    else:
+        ds.save_to_disk(str(path))
+    out = prepare_training_data(make_cfg(source, [path], text_field="body"), tmp_path / "root", seed=0)
+    assert read_meta(out)["counts"]["documents_kept"] == 30
+    assert docs[3].split(": ", 1)[1][:30] in decoded_text(out)
+    joined = prepare_training_data(make_cfg(source, [path], columns=["title", "body"]), tmp_path / "r2", seed=0)
+    assert "title7\n\n" + docs[7][:20] in decoded_text(joined)
+
+
+def test_webdataset_source_reads_local_and_pipe_urls(tmp_path):
+    docs = make_docs(24)
+    for s in range(2):
+        write_tar(tmp_path / f"in-{s}.tar", {f"s{i:03d}": {"txt": docs[i].encode(), "json": b"{}"}
+                                            for i in range(s * 12, (s + 1) * 12)})
+    local = prepare_training_data(make_cfg("webdataset", [tmp_path / "in-*.tar"], text_field="txt"), tmp_path / "a", 0)
+    pipe = make_cfg("webdataset", [f"pipe:cat {tmp_path}/in-{{0..1}}.tar"], text_field="txt")
+    piped = prepare_training_data(pipe, tmp_path / "b", 0)
+    assert read_meta(local)["counts"]["documents_kept"] == 24
+    assert np.array_equal(all_tokens(local), all_tokens(piped))
+
+
+def test_token_files_with_sidecar_or_llmc_header(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 1000, 32 * 50, dtype=np.uint16)
+    tokens.tofile(tmp_path / "a.bin")
+    (tmp_path / "a.bin.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 1000}))
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = [20240520, 1, len(tokens)]
+    (tmp_path / "b.bin").write_bytes(header.tobytes() + tokens.tobytes())
+    for name in ("a.bin", "b.bin"):
+        out = prepare_training_data(make_cfg("tokens", [tmp_path / name]), tmp_path / f"root-{name}", 0)
+        meta = read_meta(out)
+        assert meta["splits"]["train"]["blocks"] + meta["splits"]["val"]["blocks"] == 50
+        assert meta["splits"]["val"]["blocks"] == 10
+        got = np.concatenate([all_tokens(out, "train"), all_tokens(out, "val")])
+        assert sorted(got.tolist()) == sorted(tokens.tolist())
+    assert read_meta(out)["vocab_size"] == 50257  # from the llm.c GPT-2 magic
+
+
+def test_cleaning_strips_html_normalizes_and_counts_every_drop(tmp_path):
+    base = make_docs(12)
+    near = base[0].replace("doc 0:", "doc 0 (copy):")  # same words, one changed token
+    rows = base + [base[2], "  ", "tiny", near, "<p>caf\u0065\u0301 &amp; <b>bar</b></p><script>x()</script>" * 20]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    clean = CleanConfig(strip_html=True, min_chars=10, near_dedup=True)
+    out = prepare_training_data(make_cfg("jsonl", [tmp_path / "c.jsonl"], clean=clean), tmp_path / "root", 0)
+    counts = read_meta(out)["counts"]
+    assert counts["documents_read"] == len(rows)
+    assert (counts["dropped_duplicate"], counts["dropped_empty"], counts["dropped_too_short"],
+            counts["dropped_near_duplicate"]) == (1, 1, 1, 1)
+    assert counts["documents_kept"] == 13
+    text = decoded_text(out)
+    assert "caf\u00e9 & bar" in text and "<b>" not in text and "x()" not in text
+
+
+def test_unpacked_keeps_documents_apart_and_splits_long_ones(tmp_path):
+    docs = make_docs(10, words=8) + [make_docs(1, seed=9, words=400)[0]]  # the last is ~10x seq_len
+    (tmp_path / "u.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    out = prepare_training_data(make_cfg("jsonl", [tmp_path / "u.jsonl"], packed=False), tmp_path / "root", 0)
+    meta, tok = read_meta(out), open_tokenizer(tmp_path / "root" / "data" / out.name)
+    samples = [s for split in ("train", "val") for s in (lambda st: [st[i] for i in range(len(st))])(
+        open_split(out, split))]
+    assert all(len(s) == 32 for s in samples)
+    eos, pad = meta["eos_id"], meta["pad_id"]
+    assert sum(int((s == eos).sum()) for s in samples) == 11, "one separator per document"
+    long_doc = tok.encode(docs[-1], add_special_tokens=False)
+    assert len(long_doc) > 5 * 32 and len(samples) >= 10 + len(long_doc) // 32
+    assert all(s[-1] in (eos, pad) or (s != pad).all() for s in samples)
+
+
+def test_same_config_reuses_and_changes_rebuild(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(20)))
+    cfg = make_cfg("jsonl", [path])
+    first = prepare_training_data(cfg, tmp_path / "root", 0)
+    stamp = (first / "manifest.json").stat().st_mtime_ns
+    assert prepare_training_data(make_cfg("jsonl", [path]), tmp_path / "root", 0) == first
+    assert (first / "manifest.json").stat().st_mtime_ns == stamp, "a cached prepare must not rebuild"
+    assert prepare_training_data(make_cfg("jsonl", [path], seq_len=16), tmp_path / "root", 0) != first
+    assert prepare_training_data(cfg, tmp_path / "root", 1) != first
+    path.write_text(path.read_text() + json.dumps({"text": "one more document here"}) + "\n")
+    assert prepare_training_data(cfg, tmp_path / "root", 0) != first, "an edited input must rebuild"
+    custom = make_cfg("jsonl", [path], prepared_dir=str(tmp_path / "elsewhere"))
+    assert prepare_training_data(custom, tmp_path / "root", 0).parent == tmp_path / "elsewhere"
+
+
+def test_cached_embedded_prepare_is_fast(tmp_path):
+    import time
+
+    from orchestrator.config import load_config
+
+    cfg = load_config(["experiment=smoke"])
+    prepare_training_data(cfg.data, tmp_path, cfg.seed)
+    started = time.perf_counter()
+    prepare_training_data(cfg.data, tmp_path, cfg.seed)
+    assert time.perf_counter() - started < 0.5
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_data_engine_matches_local_engine(tmp_path, ray_cluster):
+    import data.pipeline
+
+    docs = make_docs(400, words=200)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    original = data.pipeline.CHUNK_CHARS
+    data.pipeline.CHUNK_CHARS = 40_000  # several blocks, so map_batches runs as several tasks
+    try:
+        local = prepare_training_data(make_cfg("jsonl", [tmp_path / "r.jsonl"]), tmp_path / "a", 0, engine="local")
+        ray_out = prepare_training_data(make_cfg("jsonl", [tmp_path / "r.jsonl"]), tmp_path / "b", 0, engine="ray")
+    finally:
+        data.pipeline.CHUNK_CHARS = original
+    assert read_meta(ray_out)["engine"] == "ray"
+    assert read_meta(local)["splits"] == read_meta(ray_out)["splits"], "same shards, same checksums"
+
+
+def test_cli_prepare_reports_and_reuses(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(20)))
+    args = [sys.executable, "-m", "orchestrator.cli", "data", "prepare", "data=jsonl", f"data.paths=[{path}]",
+            "data.engine=local", "experiment=smoke", f"paths.root={tmp_path}/root"]
+    cwd = Path(__file__).resolve().parent.parent
+    first = subprocess.run(args, capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "train:" in first.stdout and "dropped/skipped" in first.stdout
+    again = subprocess.run(args, capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert again.stdout.startswith("reused ")
