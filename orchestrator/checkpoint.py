@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 MARKER = "lmforge_checkpoint.json"
 DS_TAG = "ds"
-FAULT_ENV = "LMFORGE_FAULT_BEFORE_COMMIT_STEP"  # test hook: crash after shards, before the marker
+FAULT_ENV = "LMFORGE_FAULT_BEFORE_COMMIT"  # test hook: crash after the shards, before the marker
 
 
 @dataclass
@@ -63,7 +63,9 @@ def save_shards(engine, local_dir: Path, step: int, rank: int, world_size: int, 
     dist.all_gather_object(everyone, mine)
     if rank != 0:
         return
-    if os.environ.get(FAULT_ENV) == str(step):
+    fault = os.environ.get(FAULT_ENV, "")  # "<step>:<flag file>"; the flag makes the crash happen once
+    if fault.split(":")[0] == str(step) and not os.path.exists(flag := fault.split(":", 1)[1]):
+        Path(flag).touch()
         os._exit(17)
     files = sorted({f for rank_files in everyone for f in rank_files})
     marker = {"step": step, "world_size": world_size, "loader": loader_state, "metrics": metrics,

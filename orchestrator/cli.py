@@ -28,7 +28,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.launcher import train
-    from orchestrator.tracking import tracking_uri
+    from orchestrator.tracking import redact_value, tracking_uri
 
     cfg = load_config(args.overrides)
     result = train(cfg, args.overrides, address=args.address, worker_env=args.worker_env)
@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.seconds_to_first_step is not None:
         print(f"first step:  {result.seconds_to_first_step:.1f}s after start")
     if result.mlflow_run_id:
-        uri = tracking_uri(cfg.tracking, cfg.paths.root)
+        uri = redact_value(tracking_uri(cfg.tracking, cfg.paths.root))
         print(f"mlflow run:  {result.mlflow_run_id}  in {uri}")
         print(f"browse:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     print(f"resume:      lmforge train resume={result.run_dir}")

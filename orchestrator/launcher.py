@@ -53,6 +53,8 @@ def apply_resume(cfg: LmforgeConfig, overrides: list[str]) -> tuple[LmforgeConfi
 def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str]) -> None:
     import ray
 
+    if ray.is_initialized():  # an embedding program (a test, a notebook) already chose the cluster
+        return
     verbose = os.environ.get("LMFORGE_VERBOSE") == "1"
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": worker_env}
@@ -70,7 +72,6 @@ def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str])
 
 def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
           worker_env: dict[str, str] | None = None) -> TrainResult:
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
@@ -103,7 +104,7 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": config_dict, "prepared": prepared, "mlflow_run_id": mlflow_run_id,
-                           "run_dir": run_dir, "progress": events},
+                           "run_dir": run_dir, "progress": events, "resume_from": resume_from},
         torch_config=TorchConfig(backend=hw.backend),
         scaling_config=ScalingConfig(
             num_workers=(hw.min_workers, hw.workers) if hw.min_workers else hw.workers,
@@ -112,8 +113,8 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
         run_config=RunConfig(
             name=run_name, storage_path=runs.storage_root(cfg),
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
-        resume_from_checkpoint=ray.train.Checkpoint(resume_from) if resume_from else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            worker_runtime_env={"env_vars": worker_env or {}}),
     )
     outcome: dict = {}
 

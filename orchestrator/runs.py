@@ -52,15 +52,12 @@ def resolve(target: str, cfg: LmforgeConfig) -> tuple[str, str | None]:
 
 
 def _run_dir_from_mlflow(run_id: str, cfg: LmforgeConfig) -> str:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from orchestrator.tracking import connect, redact_value, tracking_uri
 
-    from orchestrator.tracking import tracking_uri
-
-    uri = tracking_uri(cfg.tracking, cfg.paths.root)
+    uri = redact_value(tracking_uri(cfg.tracking, cfg.paths.root))
     try:
-        run = MlflowClient(uri).get_run(run_id)
-    except MlflowException:
+        run = connect(cfg.tracking, cfg.paths.root).get_run(run_id)
+    except Exception:
         raise LmforgeError(f"{run_id!r} is not a path, and no MLflow run with that id exists in {uri}") from None
     run_dir = run.data.tags.get("lmforge.run_dir")
     if not run_dir:

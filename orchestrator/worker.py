@@ -38,7 +38,11 @@ def train_loop(loop_config: dict) -> None:
                              world_size, cfg.seed, cfg.data.shuffle)
 
     step = 0
-    if (resume_from := ray.train.get_checkpoint()) is not None:
+    # Ray hands back this run's latest checkpoint after a worker failure; on `resume=` it is ours to give.
+    resume_from = ray.train.get_checkpoint()
+    if resume_from is None and loop_config.get("resume_from"):
+        resume_from = ray.train.Checkpoint(loop_config["resume_from"])
+    if resume_from is not None:
         with resume_from.as_directory() as local:
             restored = checkpoint.restore(engine, Path(local), rank)
         step = restored.step
@@ -61,11 +65,13 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0 and progress is not None and not last:
             progress.put({"event": "first_step", "time": time.time()})
         last = {"train/loss": loss, "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm(engine)}
-        if step % tr.log_every == 0 or step == tr.max_steps:
+        log_due = step % tr.log_every == 0 or step == tr.max_steps
+        eval_due = (tr.eval_every and step % tr.eval_every == 0) or step == tr.max_steps
+        if log_due:
             last |= {f"train/{k}": v for k, v in meter.read().items()}
-            publish(rank, tracker, progress, last, step)
-        if (tr.eval_every and step % tr.eval_every == 0) or step == tr.max_steps:
+        if eval_due:
             last |= evaluate(engine, objective, loop_config["prepared"], cfg, rank, world_size)
+        if log_due or eval_due:
             publish(rank, tracker, progress, last, step)
         if step % cfg.checkpoint.every == 0 or step == tr.max_steps:
             save_and_report(engine, step, rank, world_size, loader, last, cfg, tracker, loop_config["run_dir"],
