@@ -61,6 +61,24 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.export import export
+
+    out = export(args.target, args.out, load_config(args.overrides))
+    print(f"exported to {out}  (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.export import generate
+
+    print(generate(args.target, args.prompt, load_config(args.overrides), max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge", description="Train transformer language models on Ray with DeepSpeed ZeRO.")
@@ -86,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; resume=<run dir | MLflow run id>")
     train.set_defaults(func=cmd_train)
+
+    target_help = "a run directory, a checkpoint directory, or an MLflow run id"
+    export = commands.add_parser("export", help="consolidate ZeRO shards into a Hugging Face model directory")
+    export.add_argument("target", help=target_help)
+    export.add_argument("--out", required=True, help="output directory (config, safetensors, tokenizer)")
+    export.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (to find the MLflow store)")
+    export.set_defaults(func=cmd_export)
+
+    generate = commands.add_parser("generate", help="sample text from a trained checkpoint")
+    generate.add_argument("target", help=target_help)
+    generate.add_argument("prompt", help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    generate.add_argument("--top-k", type=int, default=50)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (to find the MLflow store)")
+    generate.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -1,5 +1,9 @@
 """Consolidate a checkpoint's ZeRO shards (any stage) into a Hugging Face model directory, and sample."""
 
+import contextlib
+import io
+import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -16,6 +20,10 @@ from orchestrator.schema import LmforgeConfig
 
 def load_trained(target: str, cfg: LmforgeConfig):
     """(model, tokenizer, marker) for a run dir, checkpoint dir or MLflow run id; weights in fp32."""
+    if os.environ.get("LMFORGE_VERBOSE") != "1":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     _, ckpt = runs.resolve(target, cfg)
     if ckpt is None:
         raise LmforgeError(f"{target} has no complete checkpoint yet")
@@ -44,7 +52,11 @@ def consolidated_state_dict(local: Path, zero_stage: int) -> dict[str, torch.Ten
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=checkpoint.DS_TAG)
+    # zero_to_fp32 narrates with print() and tqdm; keep the console to lmforge's own lines unless --verbose.
+    if os.environ.get("LMFORGE_VERBOSE") == "1":
+        return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=checkpoint.DS_TAG)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=checkpoint.DS_TAG)
 
 
 def export(target: str, out: str, cfg: LmforgeConfig) -> Path:
@@ -54,7 +66,7 @@ def export(target: str, out: str, cfg: LmforgeConfig) -> Path:
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / "lmforge_export.json").write_text(
-        __import__("json").dumps({"step": marker["step"], "metrics": marker["metrics"]}, indent=1))
+        json.dumps({"step": marker["step"], "metrics": marker["metrics"]}, indent=1))
     return out_dir
 
 

@@ -22,6 +22,7 @@ QUIET_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "GIT_PYTHON_REFRESH": "quiet",
     "DS_LOG_LEVEL": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 # Never from any hub: the project runs offline and tests must not reach out.
@@ -36,6 +37,10 @@ def set_verbosity(verbose: bool) -> dict[str, str]:
     for key, value in env.items():
         os.environ.setdefault(key, value)
     os.environ["LMFORGE_VERBOSE"] = "1" if verbose else "0"
+    if not verbose and not _has_cuda_driver():
+        # Saves DeepSpeed probing for CUDA and warning about it in every process.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
     if not verbose:
         silence_loggers()
     return {k: os.environ[k] for k in env} | {"LMFORGE_VERBOSE": os.environ["LMFORGE_VERBOSE"]}
@@ -45,3 +50,7 @@ def silence_loggers() -> None:
     warnings.filterwarnings("ignore")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _has_cuda_driver() -> bool:
+    return os.path.exists("/proc/driver/nvidia/version") or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
