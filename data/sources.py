@@ -213,7 +213,7 @@ def read_webdataset(url: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple
     fields = cfg.columns or [cfg.text_field]
     key, sample = None, {}
     try:
-        with open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open_stream(url) as raw, tarfile.open(fileobj=(stream := CountingReader(raw)), mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -226,8 +226,13 @@ def read_webdataset(url: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple
                 key = mkey
                 if ext in fields:
                     sample[ext] = tar.extractfile(member).read()
+                    if len(sample[ext]) != member.size:
+                        raise tarfile.ReadError(f"member {member.name} is cut short")
                 else:
                     sample.setdefault("__other__", []).append(ext)
+            # tarfile treats a missing end-of-archive block as a clean end; a cut-off shard must not pass.
+            if key is not None and stream.count < tar.offset + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("the archive ends without its end-of-archive marker")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         if not cfg.lenient:
             raise LmforgeError(f"webdataset shard {url} is truncated or corrupt ({e}); {LENIENT_HINT}") from None
@@ -237,6 +242,18 @@ def read_webdataset(url: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple
         empty_file(url, cfg, stats)
     if sample:
         yield from shard_sample(sample, f"{url} sample {key}", cfg, stats)
+
+
+class CountingReader:
+    """Counts the bytes tarfile pulls from a stream, to tell a finished archive from a cut-off one."""
+
+    def __init__(self, raw):
+        self.raw, self.count = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
 
 
 def shard_sample(sample: dict, where: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, bool]]:
