@@ -38,7 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.checkpoint:
         print(f"latest:      {result.checkpoint}")
     if result.seconds_to_first_step is not None:
-        print(f"first step:  {result.seconds_to_first_step:.1f}s after start")
+        phases = ", ".join(f"{name} {secs:.1f}s" for name, secs in result.startup.items())
+        print(f"first step:  {result.seconds_to_first_step:.1f}s after start ({phases})")
     if result.mlflow_run_id:
         uri = redact_value(tracking_uri(cfg.tracking, cfg.paths.root))
         print(f"mlflow run:  {result.mlflow_run_id}  in {uri}")

@@ -44,11 +44,35 @@ def load_trained(target: str, cfg: LmforgeConfig):
     return model.eval(), tokenizer, marker
 
 
+def deepspeed_safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_safe_to_load(local: Path) -> None:
+    """Refuse checkpoint files whose pickles reference anything beyond tensors and DeepSpeed's own types.
+
+    DeepSpeed's consolidation unpickles with weights_only=False; a file we did not write could run code.
+    """
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        for path in sorted((local / checkpoint.DS_TAG).glob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise LmforgeError(f"refusing to load {path}: it is not a plain DeepSpeed checkpoint file "
+                                   f"({str(e).splitlines()[0][:200]})") from None
+
+
 def consolidated_state_dict(local: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    check_safe_to_load(local)
     if zero_stage == 0:
         # Without ZeRO, rank 0's model file holds the full module state.
         states = torch.load(local / checkpoint.DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
+                            weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -26,6 +26,7 @@ class TrainResult:
     metrics: dict
     checkpoint: str | None
     seconds_to_first_step: float | None
+    startup: dict[str, float]  # seconds spent in each start-up phase before the first step
 
 
 def apply_resume(cfg: LmforgeConfig, overrides: list[str]) -> tuple[LmforgeConfig, dict, str | None]:
@@ -90,7 +91,9 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     if not cfg.resume and runs.read_run_info(run_dir) is not None:
         raise LmforgeError(f"run {run_name} already exists in {run_dir}; pass resume={run_dir} to continue it")
 
+    marks = {"start": wall_started}
     prepared = str(prepare_training_data(cfg.data, cfg.paths.root, cfg.seed))
+    marks["data_prepared"] = time.time()
     config_dict = to_dict(cfg)
     mlflow_run_id = start_run(cfg.tracking, cfg.paths.root, run_name, params=config_dict,
                               tags={"lmforge.run_dir": run_dir, "lmforge.prepared_data": prepared},
@@ -99,7 +102,9 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
                                   "prepared": prepared})
 
     hw = cfg.hardware
+    marks["tracking_started"] = time.time()
     connect(address, cfg, worker_env or {})
+    marks["ray_connected"] = time.time()
     events = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         _train_loop,
@@ -129,6 +134,7 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     metrics = follow(events, fitter)
     fitter.join()
     first_step = metrics.pop("first_step_at", None)
+    startup = startup_phases(marks | metrics.pop("worker_startup", {}), first_step)
     if "error" in outcome:
         finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FAILED")
         raise LmforgeError(f"training failed: {outcome['error']}") from outcome["error"]
@@ -136,7 +142,15 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     from orchestrator.checkpoint import latest_checkpoint
 
     return TrainResult(run_name, run_dir, mlflow_run_id, metrics, latest_checkpoint(run_dir),
-                       first_step - wall_started if first_step else None)
+                       first_step - wall_started if first_step else None, startup)
+
+
+def startup_phases(marks: dict[str, float], first_step: float | None) -> dict[str, float]:
+    """Durations between consecutive start-up marks, named after the phase that ended."""
+    if first_step is not None:
+        marks = marks | {"first_step": first_step}
+    ordered = sorted(marks.items(), key=lambda kv: kv[1])
+    return {name: round(t - prev, 2) for (_, prev), (name, t) in zip(ordered, ordered[1:])}
 
 
 def _train_loop(loop_config: dict) -> None:

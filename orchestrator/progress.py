@@ -20,6 +20,7 @@ def follow(events, worker: threading.Thread, bar_position: int = 0) -> dict:
             continue
         if event["event"] == "first_step":
             last.setdefault("first_step_at", event["time"])
+            last.setdefault("worker_startup", event["startup"])
             continue
         if event["event"] == "start":
             if bar is None:

@@ -22,6 +22,7 @@ from orchestrator.tracking import RunTracker
 
 
 def train_loop(loop_config: dict) -> None:
+    startup = {"worker_started": time.time()}
     if os.environ.get("LMFORGE_VERBOSE") != "1":
         silence_loggers()
     cfg = from_dict(loop_config["config"])
@@ -32,7 +33,9 @@ def train_loop(loop_config: dict) -> None:
     tokenizer = open_tokenizer(loop_config["prepared"])
     model = build_model(cfg.model, tokenizer, cfg.seed)
     num_params = sum(p.numel() for p in model.parameters())
+    startup["model_built"] = time.time()
     engine = build_engine(model, cfg, world_size)
+    startup["deepspeed_ready"] = time.time()
     objective = get_objective(cfg.objective.name)
     loader = ResumableLoader(open_split(loop_config["prepared"], "train"), tr.micro_batch_size, rank,
                              world_size, cfg.seed, cfg.data.shuffle)
@@ -63,7 +66,7 @@ def train_loop(loop_config: dict) -> None:
         meter.stop()
         step += 1
         if rank == 0 and progress is not None and not last:
-            progress.put({"event": "first_step", "time": time.time()})
+            progress.put({"event": "first_step", "time": time.time(), "startup": startup})
         last = {"train/loss": loss, "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm(engine)}
         log_due = step % tr.log_every == 0 or step == tr.max_steps
         eval_due = (tr.eval_every and step % tr.eval_every == 0) or step == tr.max_steps

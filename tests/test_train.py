@@ -70,13 +70,14 @@ def test_baseline_loss_falls_and_checkpoints_are_complete(home, baseline):
     assert baseline.seconds_to_first_step is not None
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_other_zero_stages_train(home, stage):
+@pytest.mark.parametrize(("stage", "model"), [(0, "gpt-tiny"), (1, "llama-tiny"), (3, "gpt-tiny")])
+def test_other_zero_stages_train_and_export(home, tmp_path, stage, model):
     result = run(home, ["experiment=smoke", "trainer.max_steps=12", "trainer.log_every=1", "checkpoint.every=12",
-                        f"hardware.zero_stage={stage}", f"run_name=zero{stage}"])
+                        f"hardware.zero_stage={stage}", f"model={model}", f"run_name=zero{stage}"])
     per_step = losses(home, result.mlflow_run_id)
     assert per_step[12] < per_step[1] - 0.3, per_step
     assert is_complete(result.checkpoint)
+    assert exported_val_loss(home, result, tmp_path) == pytest.approx(result.metrics["val/loss"], abs=1e-4)
 
 
 def ray_train_workers() -> list[psutil.Process]:
@@ -129,18 +130,22 @@ def test_crash_before_commit_resumes_from_previous_checkpoint(home, baseline, tm
 
 
 def test_export_round_trip_gives_training_val_loss(home, baseline, tmp_path):
+    assert exported_val_loss(home, baseline, tmp_path) == pytest.approx(baseline.metrics["val/loss"], abs=1e-4)
+
+
+def exported_val_loss(home, result, tmp_path) -> float:
+    """Export the run, load it with plain transformers, and score the blocks training evaluated on."""
     from transformers import AutoModelForCausalLM
 
     from orchestrator.export import export
 
-    out = export(baseline.run_dir, str(tmp_path / "hf"), load_config([f"paths.root={home}"]))
+    out = export(result.run_dir, str(tmp_path / "hf"), load_config([f"paths.root={home}"]))
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
-    cfg = load_config(RUN)
-    val = open_split(read_run_info(baseline.run_dir)["prepared"], "val")
-    batch, n_batches = cfg.trainer.micro_batch_size, cfg.trainer.eval_batches
+    cfg = read_marker(result.checkpoint)["config"]
+    batch, n_batches = cfg["trainer"]["micro_batch_size"], cfg["trainer"]["eval_batches"]
+    val = open_split(read_run_info(result.run_dir)["prepared"], "val")
     blocks = torch.stack([torch.as_tensor(np.asarray(val[i], dtype=np.int64))
                           for i in range(batch * 2 * n_batches)])
     with torch.no_grad():
-        per_batch = [model(input_ids=b, labels=b).loss.item() for b in blocks.split(batch)]
-    assert np.mean(per_batch) == pytest.approx(baseline.metrics["val/loss"], abs=1e-4)
+        return float(np.mean([model(input_ids=b, labels=b).loss.item() for b in blocks.split(batch)]))

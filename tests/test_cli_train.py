@@ -1,0 +1,48 @@
+"""`lmforge train experiment=smoke` as a user runs it: quiet console, a clear summary, then export works."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def lmforge(*args, env_home: Path, timeout=600):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LMFORGE_"))}
+    env["LMFORGE_HOME"] = str(env_home)
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=timeout)
+
+
+def test_smoke_train_then_export_and_generate(tmp_path):
+    home = tmp_path / "home"
+    out = lmforge("train", "experiment=smoke", env_home=home)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checkpoints:" in out.stdout and "mlflow run:" in out.stdout and "127.0.0.1" in out.stdout
+    # Quiet by default: no library log lines, warnings or tracebacks reach the user.
+    noise = [line for line in out.stderr.splitlines()
+             if re.search(r"\b(INFO|WARNING|Warning|Traceback)\b|\(RayTrainWorker|\(raylet\)", line)]
+    assert not noise, "\n".join(noise[:20])
+    run_dir = re.search(r"^checkpoints:\s+(\S+)", out.stdout, re.M).group(1)
+    assert Path(run_dir).is_relative_to(home)
+
+    exported = lmforge("export", run_dir, "--out", str(tmp_path / "hf"), env_home=home)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+    sample = lmforge("generate", run_dir, "The for statement", "--max-new-tokens", "8", env_home=home)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert sample.stdout.startswith("The for statement")
+
+
+def test_resume_of_unknown_target_is_a_clear_error(tmp_path):
+    out = lmforge("train", "experiment=smoke", f"resume={tmp_path}/nope", env_home=tmp_path / "home", timeout=120)
+    assert out.returncode == 2
+    assert "nope" in out.stderr and "Traceback" not in out.stderr
