@@ -37,6 +37,7 @@ def train_loop(loop_config: dict) -> None:
     engine = build_engine(model, cfg, world_size)
     startup["deepspeed_ready"] = time.time()
     objective = get_objective(cfg.objective.name)
+    pad_id = tokenizer.pad_token_id
     loader = ResumableLoader(open_split(loop_config["prepared"], "train"), tr.micro_batch_size, rank,
                              world_size, cfg.seed, cfg.data.shuffle)
 
@@ -62,7 +63,7 @@ def train_loop(loop_config: dict) -> None:
     last = {}
     while step < tr.max_steps:
         meter.start()
-        loss = train_step(engine, loader, objective, tr.gradient_accumulation_steps)
+        loss = train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
         meter.stop()
         step += 1
         if rank == 0 and progress is not None and not last:
@@ -73,7 +74,7 @@ def train_loop(loop_config: dict) -> None:
         if log_due:
             last |= {f"train/{k}": v for k, v in meter.read().items()}
         if eval_due:
-            last |= evaluate(engine, objective, loop_config["prepared"], cfg, rank, world_size)
+            last |= evaluate(engine, objective, loop_config["prepared"], cfg, rank, world_size, pad_id)
         if log_due or eval_due:
             publish(rank, tracker, progress, last, step)
         if step % cfg.checkpoint.every == 0 or step == tr.max_steps:
@@ -83,12 +84,12 @@ def train_loop(loop_config: dict) -> None:
         tracker.close()
 
 
-def train_step(engine, loader: ResumableLoader, objective, accumulation: int) -> float:
+def train_step(engine, loader: ResumableLoader, objective, accumulation: int, pad_id: int) -> float:
     """One optimizer step over `accumulation` micro-batches; returns the loss averaged over all ranks."""
     engine.train()
     total = torch.zeros((), dtype=torch.float64)
     for _ in range(accumulation):
-        batch = {k: v.to(engine.device) for k, v in objective.collate(loader.next_batch()).items()}
+        batch = {k: v.to(engine.device) for k, v in objective.collate(loader.next_batch(), pad_id).items()}
         loss = objective.loss(engine, batch)
         engine.backward(loss)
         engine.step()
@@ -103,7 +104,7 @@ def grad_norm(engine) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int) -> dict[str, float]:
+def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int, pad_id: int) -> dict[str, float]:
     """Mean validation loss over the same fixed, unshuffled blocks every time, split across ranks."""
     engine.eval()
     store = open_split(prepared, "val")
@@ -112,7 +113,7 @@ def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int) 
     n_batches = max(1, min(cfg.trainer.eval_batches, len(store) // (batch_size * world_size)))
     total = torch.zeros((), dtype=torch.float64)
     for _ in range(n_batches):
-        batch = {k: v.to(engine.device) for k, v in objective.collate(loader.next_batch()).items()}
+        batch = {k: v.to(engine.device) for k, v in objective.collate(loader.next_batch(), pad_id).items()}
         total += objective.loss(engine, batch).double().cpu()
     dist.all_reduce(total)
     mean = total.item() / (n_batches * world_size)
