@@ -10,9 +10,8 @@ from orchestrator.schema import HardwareConfig, LmforgeConfig, TrainerConfig
 def deepspeed_config(cfg: LmforgeConfig, world_size: int) -> dict:
     hw, tr = cfg.hardware, cfg.trainer
     zero: dict = {"stage": hw.zero_stage}
-    if hw.zero_stage in (1, 2):
-        # Lets a stage-1/2 checkpoint load under a different number of workers (elastic restarts).
-        zero["elastic_checkpoint"] = True
+    # No elastic_checkpoint: DeepSpeed's elastic format drops optimizer state on reload, so resumed losses
+    # drift from an uninterrupted run. A change of worker count goes through a universal checkpoint instead.
     if hw.zero_stage >= 2:
         zero.update(overlap_comm=hw.use_gpu, contiguous_gradients=True)
     if hw.offload_optimizer != "none":

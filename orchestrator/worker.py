@@ -42,12 +42,8 @@ def train_loop(loop_config: dict) -> None:
                              world_size, cfg.seed, cfg.data.shuffle)
 
     step = 0
-    # Ray hands back this run's latest checkpoint after a worker failure; on `resume=` it is ours to give.
-    resume_from = ray.train.get_checkpoint()
-    if resume_from is None and loop_config.get("resume_from"):
-        resume_from = ray.train.Checkpoint(loop_config["resume_from"])
-    if resume_from is not None:
-        with resume_from.as_directory() as local:
+    if (resume_from := restore_source(loop_config)) is not None:
+        with ray.train.Checkpoint(resume_from).as_directory() as local:
             restored = checkpoint.restore(engine, Path(local), rank)
         step = restored.step
         loader.load_state_dict(restored.loader_state)
@@ -59,6 +55,8 @@ def train_loop(loop_config: dict) -> None:
                       cfg.hardware.peak_flops_per_worker, world_size)
     if rank == 0 and progress is not None:
         progress.put({"event": "start", "step": step, "max_steps": tr.max_steps, "num_params": num_params})
+    if rank == 0 and step > 0:
+        tracker.log_metrics({"checkpoint/restored_step": step}, step)
 
     last = {}
     while step < tr.max_steps:
@@ -82,6 +80,17 @@ def train_loop(loop_config: dict) -> None:
                             tokenizer)
     if tracker is not None:
         tracker.close()
+
+
+def restore_source(loop_config: dict) -> str | None:
+    """The checkpoint to start from: the run's newest complete one (after a worker failure, or when resuming
+    the run itself), else the one `resume=` named. Ray's own notion of the latest checkpoint can lag a save
+    that every rank finished, so lmforge's completeness marker decides."""
+    latest = checkpoint.latest_checkpoint(loop_config["run_dir"])
+    explicit = loop_config.get("resume_from")
+    if latest is None or (explicit and checkpoint.read_marker(explicit)["step"] > checkpoint.read_marker(latest)["step"]):
+        return explicit
+    return latest
 
 
 def train_step(engine, loader: ResumableLoader, objective, accumulation: int, pad_id: int) -> float:

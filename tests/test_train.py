@@ -5,10 +5,14 @@ SIGKILL is replaced and the run's per-step losses equal an uninterrupted run's, 
 checkpoint save never produces a checkpoint that resume would pick, and the HF export gives the same loss.
 """
 
+import io
+import json
 import os
 import signal
+import tarfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -17,7 +21,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from data.prepared import open_split
+from data.prepared import open_split, prepare_training_data, read_meta
 from orchestrator.checkpoint import FAULT_ENV, is_complete, latest_checkpoint, list_checkpoints, read_marker
 from orchestrator.config import load_config
 from orchestrator.errors import LmforgeError
@@ -27,17 +31,38 @@ from orchestrator.tracking import tracking_uri
 
 pytestmark = pytest.mark.slow
 
-# gradient accumulation slows each step to a few tenths of a second, leaving time to kill a worker mid-run.
+# The kill, crash and export tests train on a WebDataset corpus prepared with Ray Data (data=webdataset).
+# Gradient accumulation slows each step to a few tenths of a second, leaving time to kill a worker mid-run.
 RUN = ["experiment=smoke", "trainer.max_steps=24", "trainer.gradient_accumulation_steps=8", "trainer.log_every=1",
-       "checkpoint.every=8", "checkpoint.keep_last=3", "trainer.eval_every=12"]
+       "checkpoint.every=8", "checkpoint.keep_last=2", "trainer.eval_every=12", "data=webdataset"]
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_home")
+    write_tar_corpus(root / "corpus", docs_per_shard=10)
+    RUN.append(f"data.paths=['{root}/corpus/*.tar']")
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    cfg = load_config(RUN + [f"paths.root={root}"])
+    prepared = prepare_training_data(cfg.data, cfg.paths.root, cfg.seed, engine="ray")
+    assert read_meta(prepared)["engine"] == "ray"
     yield root
     ray.shutdown()
+
+
+def write_tar_corpus(folder, docs_per_shard: int) -> None:
+    """The Python reference as WebDataset input shards: one `<key>.txt` member per topic."""
+    from pydoc_data.topics import topics
+
+    folder.mkdir(parents=True)
+    names = sorted(topics)
+    for shard, start in enumerate(range(0, len(names), docs_per_shard)):
+        with tarfile.open(folder / f"corpus-{shard:04d}.tar", "w") as tar:
+            for name in names[start:start + docs_per_shard]:
+                payload = topics[name].encode()
+                info = tarfile.TarInfo(f"{name.replace('.', '_')}.txt")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +82,21 @@ def losses(home, run_id) -> dict[int, float]:
     return {m.step: m.value for m in history}
 
 
+def restored_steps(home, run_id) -> list[int]:
+    client = MlflowClient(tracking_uri(load_config([f"paths.root={home}"]).tracking, str(home)))
+    return [int(m.value) for m in client.get_metric_history(run_id, "checkpoint/restored_step")]
+
+
 def test_baseline_loss_falls_and_checkpoints_are_complete(home, baseline):
     per_step = losses(home, baseline.mlflow_run_id)
     assert sorted(per_step) == list(range(1, 25))
     assert per_step[24] < per_step[1] - 0.5, per_step
     steps = [step for step, _ in list_checkpoints(baseline.run_dir)]
-    assert steps == [8, 16, 24]
+    assert steps == [16, 24], "checkpoint.keep_last=2 keeps the newest two"
+    client = MlflowClient(tracking_uri(load_config([f"paths.root={home}"]).tracking, str(home)))
+    recorded = json.loads(Path(client.download_artifacts(baseline.mlflow_run_id, "checkpoints.json")).read_text())
+    assert [c["step"] for c in recorded] == [8, 16, 24]
+    assert all(c["uri"].startswith(baseline.run_dir) and c["size_bytes"] > 0 for c in recorded)
     marker = read_marker(baseline.checkpoint)
     assert marker["world_size"] == 2 and marker["loader"]["position"] > 0
     files = marker["files"]
@@ -104,6 +138,7 @@ def test_sigkilled_worker_resumes_with_identical_losses(home, baseline):
     runner.join(timeout=400)
     result = outcome["result"]
     assert latest_checkpoint(result.run_dir).endswith("checkpoint_00000024")
+    assert restored_steps(home, result.mlflow_run_id) in ([8], [16]), "the restart did not resume a checkpoint"
     expected, actual = losses(home, baseline.mlflow_run_id), losses(home, result.mlflow_run_id)
     assert sorted(actual) == sorted(expected)
     np.testing.assert_allclose([actual[s] for s in sorted(actual)], [expected[s] for s in sorted(expected)],
@@ -122,6 +157,7 @@ def test_crash_before_commit_resumes_from_previous_checkpoint(home, baseline, tm
     run_id = read_run_info(run_dir)["mlflow_run_id"]
     resumed = run(home, [f"resume={run_id}"])
     assert resumed.mlflow_run_id == run_id
+    assert restored_steps(home, run_id) == [8]
     expected, actual = losses(home, baseline.mlflow_run_id), losses(home, run_id)
     np.testing.assert_allclose([actual[s] for s in range(1, 25)], [expected[s] for s in range(1, 25)],
                                rtol=0, atol=1e-6)
