@@ -7,9 +7,11 @@ checkpoint must contain. A checkpoint counts as complete only when that marker e
 file is present, so a crash at any point during a save leaves a directory that resume skips.
 """
 
+import argparse
 import json
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator.errors import LmforgeError
+from orchestrator.quiet import muted
+
 MARKER = "lmforge_checkpoint.json"
 DS_TAG = "ds"
+UNIVERSAL_TAG = "ds_universal"
 FAULT_ENV = "LMFORGE_FAULT_BEFORE_COMMIT"  # test hook: crash after the shards, before the marker
 
 
@@ -112,11 +118,22 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def restore(engine, checkpoint_dir: Path, rank: int) -> Restored:
-    """Load every rank's state from a local copy of a complete checkpoint."""
+def restore(engine, checkpoint_dir: Path, rank: int, reshard: bool = False) -> Restored:
+    """Load every rank's state from a local copy of a complete checkpoint.
+
+    With `reshard`, the checkpoint was written by a different number of workers: it is first converted to
+    DeepSpeed's universal format, which the engine (built with load_universal) re-partitions on load.
+    """
     marker = json.loads((checkpoint_dir / MARKER).read_text())
-    engine.load_checkpoint(str(checkpoint_dir), tag=DS_TAG, load_optimizer_states=True,
-                           load_lr_scheduler_states=True)
+    check_safe_to_load(checkpoint_dir)
+    if reshard:
+        with tempfile.TemporaryDirectory(prefix="lmforge-universal-") as tmp:
+            to_universal(checkpoint_dir / DS_TAG, Path(tmp) / UNIVERSAL_TAG)
+            engine.load_checkpoint(tmp, tag=UNIVERSAL_TAG, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
+    else:
+        engine.load_checkpoint(str(checkpoint_dir), tag=DS_TAG, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
     rng_file = checkpoint_dir / f"rng_rank{rank}.pt"
     if marker["world_size"] == dist.get_world_size() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
@@ -125,6 +142,39 @@ def restore(engine, checkpoint_dir: Path, rank: int) -> Restored:
         seed = (marker["config"]["seed"] * 1_000_003 + marker["step"] * 1_009 + rank) % 2**31
         torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
     return Restored(step=marker["step"], loader_state=marker["loader"], world_size=marker["world_size"])
+
+
+def to_universal(ds_dir: Path, out: Path) -> None:
+    """DeepSpeed's universal checkpoint: optimizer state per parameter, loadable at any worker count."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(ds_dir), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with muted():
+        ds_to_universal.main(args)
+
+
+def deepspeed_safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_safe_to_load(local: Path) -> None:
+    """Refuse checkpoint files whose pickles reference anything beyond tensors and DeepSpeed's own types.
+
+    DeepSpeed's consolidation unpickles with weights_only=False; a file we did not write could run code.
+    """
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        for path in sorted((local / DS_TAG).glob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise LmforgeError(f"refusing to load {path}: it is not a plain DeepSpeed checkpoint file "
+                                   f"({str(e).splitlines()[0][:200]})") from None
 
 
 def directory_size(path: str) -> int:

@@ -7,7 +7,7 @@ import torch
 from orchestrator.schema import HardwareConfig, LmforgeConfig, TrainerConfig
 
 
-def deepspeed_config(cfg: LmforgeConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: LmforgeConfig, world_size: int, load_universal: bool = False) -> dict:
     hw, tr = cfg.hardware, cfg.trainer
     zero: dict = {"stage": hw.zero_stage}
     # No elastic_checkpoint: DeepSpeed's elastic format drops optimizer state on reload, so resumed losses
@@ -29,6 +29,7 @@ def deepspeed_config(cfg: LmforgeConfig, world_size: int) -> dict:
         "bf16": {"enabled": hw.precision == "bf16"},
         "fp16": {"enabled": hw.precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,  # lmforge does the logging
         "wall_clock_breakdown": False,
     }
@@ -63,7 +64,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, cfg: LmforgeConfig, world_size: int):
+def build_engine(model: torch.nn.Module, cfg: LmforgeConfig, world_size: int, load_universal: bool = False):
     """Wrap `model` in a DeepSpeed engine with AdamW and the warmup/decay schedule from the config."""
     import deepspeed
 
@@ -73,7 +74,7 @@ def build_engine(model: torch.nn.Module, cfg: LmforgeConfig, world_size: int):
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, tr.weight_decay),
-        config=deepspeed_config(cfg, world_size),
+        config=deepspeed_config(cfg, world_size, load_universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, tr) / tr.lr),
         dist_init_required=False,
     )

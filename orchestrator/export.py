@@ -1,7 +1,5 @@
 """Consolidate a checkpoint's ZeRO shards (any stage) into a Hugging Face model directory, and sample."""
 
-import contextlib
-import io
 import json
 import os
 import tempfile
@@ -15,6 +13,7 @@ from model.gpt import build_model
 from orchestrator import checkpoint, runs
 from orchestrator.config import from_dict
 from orchestrator.errors import LmforgeError
+from orchestrator.quiet import muted
 from orchestrator.schema import LmforgeConfig
 
 
@@ -44,31 +43,8 @@ def load_trained(target: str, cfg: LmforgeConfig):
     return model.eval(), tokenizer, marker
 
 
-def deepspeed_safe_globals() -> list:
-    """The only non-tensor classes DeepSpeed pickles into its checkpoint files."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def check_safe_to_load(local: Path) -> None:
-    """Refuse checkpoint files whose pickles reference anything beyond tensors and DeepSpeed's own types.
-
-    DeepSpeed's consolidation unpickles with weights_only=False; a file we did not write could run code.
-    """
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        for path in sorted((local / checkpoint.DS_TAG).glob("*.pt")):
-            try:
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise LmforgeError(f"refusing to load {path}: it is not a plain DeepSpeed checkpoint file "
-                                   f"({str(e).splitlines()[0][:200]})") from None
-
-
 def consolidated_state_dict(local: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    check_safe_to_load(local)
+    checkpoint.check_safe_to_load(local)
     if zero_stage == 0:
         # Without ZeRO, rank 0's model file holds the full module state.
         states = torch.load(local / checkpoint.DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
@@ -76,10 +52,7 @@ def consolidated_state_dict(local: Path, zero_stage: int) -> dict[str, torch.Ten
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # zero_to_fp32 narrates with print() and tqdm; keep the console to lmforge's own lines unless --verbose.
-    if os.environ.get("LMFORGE_VERBOSE") == "1":
-        return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=checkpoint.DS_TAG)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with muted():
         return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=checkpoint.DS_TAG)
 
 

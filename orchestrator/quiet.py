@@ -1,5 +1,7 @@
 """Hide Ray, DeepSpeed, MLflow and HF log spam unless --verbose; users should see their run."""
 
+import contextlib
+import io
 import logging
 import os
 import warnings
@@ -55,3 +57,13 @@ def silence_loggers() -> None:
 
 def _has_cuda_driver() -> bool:
     return os.path.exists("/proc/driver/nvidia/version") or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+@contextlib.contextmanager
+def muted():
+    """Swallow print() and tqdm output of library code (DeepSpeed's converters narrate) unless --verbose."""
+    if os.environ.get("LMFORGE_VERBOSE") == "1":
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield

@@ -34,7 +34,9 @@ def train_loop(loop_config: dict) -> None:
     model = build_model(cfg.model, tokenizer, cfg.seed)
     num_params = sum(p.numel() for p in model.parameters())
     startup["model_built"] = time.time()
-    engine = build_engine(model, cfg, world_size)
+    resume_from = restore_source(loop_config)
+    reshard = resume_from is not None and checkpoint.read_marker(resume_from)["world_size"] != world_size
+    engine = build_engine(model, cfg, world_size, load_universal=reshard)
     startup["deepspeed_ready"] = time.time()
     objective = get_objective(cfg.objective.name)
     pad_id = tokenizer.pad_token_id
@@ -42,9 +44,9 @@ def train_loop(loop_config: dict) -> None:
                              world_size, cfg.seed, cfg.data.shuffle)
 
     step = 0
-    if (resume_from := restore_source(loop_config)) is not None:
+    if resume_from is not None:
         with ray.train.Checkpoint(resume_from).as_directory() as local:
-            restored = checkpoint.restore(engine, Path(local), rank)
+            restored = checkpoint.restore(engine, Path(local), rank, reshard)
         step = restored.step
         loader.load_state_dict(restored.loader_state)
 

@@ -185,3 +185,21 @@ def exported_val_loss(home, result, tmp_path) -> float:
                           for i in range(batch * 2 * n_batches)])
     with torch.no_grad():
         return float(np.mean([model(input_ids=b, labels=b).loss.item() for b in blocks.split(batch)]))
+
+
+def test_resume_on_fewer_workers_continues_from_the_checkpoint(home, baseline):
+    """2 workers -> 1: DeepSpeed state is resharded through a universal checkpoint and training carries on."""
+    import shutil
+
+    run_dir = f"{home}/runs/shrunk"
+    shutil.copytree(baseline.run_dir, run_dir)
+    info = read_run_info(run_dir)
+    info["run_name"], info["mlflow_run_id"] = "shrunk", None  # its own MLflow run
+    (Path(run_dir) / "lmforge_run.json").write_text(json.dumps(info))
+    resumed = run(home, [f"resume={run_dir}", "hardware.workers=1", "trainer.max_steps=28"])
+    assert read_marker(resumed.checkpoint)["world_size"] == 1
+    before, after = losses(home, baseline.mlflow_run_id), losses(home, resumed.mlflow_run_id)
+    # A fresh model would start near ln(vocab) = 6.2; a resumed one continues where step 24 left off.
+    assert sorted(after) == [25, 26, 27, 28]
+    assert abs(after[25] - before[24]) < 0.15, (before, after)
+    assert read_marker(resumed.checkpoint)["loader"]["position"] > read_marker(baseline.checkpoint)["loader"]["position"]
