@@ -67,8 +67,17 @@ def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str])
         return
     cpus = max(os.cpu_count() or 1, int(cfg.hardware.workers * cfg.hardware.cpus_per_worker) + 1)
     ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
-             log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR",
-             _temp_dir=os.environ.get("LMFORGE_RAY_TMP"))
+             log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR", _temp_dir=ray_temp_dir(cfg))
+
+
+def ray_temp_dir(cfg: LmforgeConfig) -> str | None:
+    """Ray's session files under the output root, when the path is short enough for Ray's Unix sockets.
+
+    Ray puts sockets at <temp>/session_<timestamp>_<pid>/sockets/plasma_store (about 62 characters past the
+    temp dir), and Unix socket paths are limited to 107 bytes; a deeper root keeps Ray's default /tmp/ray.
+    """
+    temp = f"{cfg.paths.root}/ray"
+    return temp if len(temp) <= 45 else None
 
 
 def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
