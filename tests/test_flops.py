@@ -1,18 +1,11 @@
 """The MFU formula counts 6N matmul FLOPs plus attention, against hand-computed numbers."""
 
 import pytest
+from model_helpers import StubTokenizer
 
 from model.config import ModelConfig
 from model.flops import flops_per_token, matmul_params, mfu
 from model.gpt import build_model, padded_vocab_size
-
-
-class FakeTokenizer:
-    bos_token_id = eos_token_id = 0
-    pad_token_id = 1
-
-    def __len__(self):
-        return 500
 
 
 def test_gpt2_124m_flops_per_token_matches_hand_count():
@@ -41,8 +34,8 @@ def test_mfu_is_achieved_over_peak():
 def test_built_model_is_seeded_and_padded(arch):
     cfg = ModelConfig(arch=arch, n_layer=1, n_head=2, n_embd=32, max_seq_len=16,
                       n_kv_head=1 if arch == "llama" else None)
-    a, b = build_model(cfg, FakeTokenizer(), seed=3), build_model(cfg, FakeTokenizer(), seed=3)
-    c = build_model(cfg, FakeTokenizer(), seed=4)
+    a, b = build_model(cfg, StubTokenizer(500), seed=3), build_model(cfg, StubTokenizer(500), seed=3)
+    c = build_model(cfg, StubTokenizer(500), seed=4)
     assert a.config.vocab_size == padded_vocab_size(cfg, 500) == 512
     wa, wb, wc = (next(m.parameters()) for m in (a, b, c))
     assert (wa == wb).all() and not (wa == wc).all()

@@ -1,6 +1,7 @@
 """The causal-LM objective: padding carries no loss, and the loss is the model's next-token loss."""
 
 import torch
+from model_helpers import StubTokenizer
 
 from model.config import ModelConfig
 from model.gpt import build_model
@@ -8,13 +9,6 @@ from model.objectives import get_objective
 
 clm = get_objective("clm")
 
-
-class Tok:
-    bos_token_id = eos_token_id = 0
-    pad_token_id = 1
-
-    def __len__(self):
-        return 64
 
 
 def test_packed_blocks_are_their_own_labels():
@@ -24,7 +18,7 @@ def test_packed_blocks_are_their_own_labels():
 
 
 def test_padding_is_masked_and_does_not_change_the_loss():
-    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=8), Tok(), seed=0).eval()
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=8), StubTokenizer(64), seed=0).eval()
     doc = torch.tensor([[5, 6, 7, 8]])
     padded = torch.tensor([[5, 6, 7, 8, 1, 1]])
     batch = clm.collate(padded, pad_id=1)
