@@ -61,7 +61,8 @@ def load_config(overrides: list[str] = ()) -> LmforgeConfig:
         typed: LmforgeConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
-    typed.validate()
+    if not typed.resume:  # a resumed run is validated once its saved config is merged in (launcher.apply_resume)
+        typed.validate()
     typed.paths.root = str(Path(typed.paths.root).expanduser().resolve())
     return typed
 
