@@ -23,8 +23,10 @@ def deepspeed_config(cfg: LmforgeConfig, world_size: int, load_universal: bool =
         "gradient_accumulation_steps": tr.gradient_accumulation_steps,
         "train_batch_size": tr.micro_batch_size * tr.gradient_accumulation_steps * world_size,
         "gradient_clipping": tr.grad_clip,
+        # torch_adam on CPU: DeepSpeed's CPU FusedAdam is no faster here and JIT-loads for seconds at start-up.
         "optimizer": {"type": "AdamW", "params": {
-            "lr": tr.lr, "betas": [tr.beta1, tr.beta2], "eps": 1e-8, "weight_decay": tr.weight_decay}},
+            "lr": tr.lr, "betas": [tr.beta1, tr.beta2], "eps": 1e-8, "weight_decay": tr.weight_decay,
+            "torch_adam": not hw.use_gpu and hw.offload_optimizer == "none"}},
         "zero_optimization": zero,
         "bf16": {"enabled": hw.precision == "bf16"},
         "fp16": {"enabled": hw.precision == "fp16", "initial_scale_power": 16},
