@@ -22,6 +22,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(ARGS)
 
+bench: $(STAMP)
+	$(PY) bench/train_bench.py
+	$(PY) bench/data_bench.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 

@@ -3,6 +3,7 @@
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,17 @@ def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str])
                  logging_level="INFO" if verbose else "ERROR")
         return
     cpus = max(os.cpu_count() or 1, int(cfg.hardware.workers * cfg.hardware.cpus_per_worker) + 1)
-    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
+    # A local cluster's workers inherit this process's environment; a runtime_env would only make Ray start
+    # fresh worker processes through its runtime-env agent instead of the ones it pre-starts.
+    os.environ.update(worker_env)
+    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", include_dashboard=False,
              log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR", _temp_dir=ray_temp_dir(cfg))
+
+
+def worker_runtime_env(worker_env: dict[str, str]) -> dict | None:
+    """Only what the workers would not inherit anyway: each runtime env costs a worker-process start."""
+    missing = {k: v for k, v in worker_env.items() if os.environ.get(k) != v}
+    return {"env_vars": missing} if missing else None
 
 
 def ray_temp_dir(cfg: LmforgeConfig) -> str | None:
@@ -104,16 +114,18 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     prepared = str(prepare_training_data(cfg.data, cfg.paths.root, cfg.seed))
     marks["data_prepared"] = time.time()
     config_dict = to_dict(cfg)
-    mlflow_run_id = start_run(cfg.tracking, cfg.paths.root, run_name, params=config_dict,
-                              tags={"lmforge.run_dir": run_dir, "lmforge.prepared_data": prepared},
-                              run_id=mlflow_run_id)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # Creating a fresh MLflow store takes seconds; let it overlap Ray's start-up.
+        tracking = pool.submit(start_run, cfg.tracking, cfg.paths.root, run_name, params=config_dict,
+                               tags={"lmforge.run_dir": run_dir, "lmforge.prepared_data": prepared},
+                               run_id=mlflow_run_id)
+        connect(address, cfg, worker_env or {})
+        mlflow_run_id = tracking.result()
     runs.write_run_info(run_dir, {"run_name": run_name, "mlflow_run_id": mlflow_run_id, "config": config_dict,
                                   "prepared": prepared})
+    marks["ray_and_tracking_ready"] = time.time()
 
     hw = cfg.hardware
-    marks["tracking_started"] = time.time()
-    connect(address, cfg, worker_env or {})
-    marks["ray_connected"] = time.time()
     events = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         _train_loop,
@@ -128,7 +140,7 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
             name=run_name, storage_path=runs.storage_root(cfg),
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            worker_runtime_env={"env_vars": worker_env or {}}),
+            worker_runtime_env=worker_runtime_env(worker_env or {})),
     )
     outcome: dict = {}
 
