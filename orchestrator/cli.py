@@ -28,7 +28,8 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.launcher import train
-    from orchestrator.tracking import redact_value, tracking_uri
+    from orchestrator.redact import redact_value
+    from orchestrator.tracking import tracking_uri
 
     cfg = load_config(args.overrides)
     result = train(cfg, args.overrides, address=args.address, worker_env=args.worker_env)

@@ -52,7 +52,8 @@ def resolve(target: str, cfg: LmforgeConfig) -> tuple[str, str | None]:
 
 
 def _run_dir_from_mlflow(run_id: str, cfg: LmforgeConfig) -> str:
-    from orchestrator.tracking import connect, redact_value, tracking_uri
+    from orchestrator.redact import redact_value
+    from orchestrator.tracking import connect, tracking_uri
 
     uri = redact_value(tracking_uri(cfg.tracking, cfg.paths.root))
     try:
