@@ -203,3 +203,14 @@ def test_resume_on_fewer_workers_continues_from_the_checkpoint(home, baseline):
     assert sorted(after) == [25, 26, 27, 28]
     assert abs(after[25] - before[24]) < 0.15, (before, after)
     assert read_marker(resumed.checkpoint)["loader"]["position"] > read_marker(baseline.checkpoint)["loader"]["position"]
+
+
+def test_zero3_resume_on_fewer_workers(home):
+    first = run(home, ["experiment=smoke", "trainer.max_steps=10", "checkpoint.every=10", "trainer.log_every=1",
+                       "hardware.zero_stage=3", "run_name=zero3-shrink"])
+    resumed = run(home, [f"resume={first.run_dir}", "hardware.workers=1", "trainer.max_steps=12"])
+    assert read_marker(resumed.checkpoint)["world_size"] == 1
+    per_step = losses(home, first.mlflow_run_id)
+    assert restored_steps(home, first.mlflow_run_id) == [10]
+    # Continuing, not restarting: a fresh model would be back near ln(512) = 6.2.
+    assert abs(per_step[11] - per_step[10]) < 0.15, per_step
