@@ -60,14 +60,15 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0 and step > 0:
         tracker.log_metrics({"checkpoint/restored_step": step}, step)
 
-    last = {}
+    last, first_step = {}, True
     while step < tr.max_steps:
         meter.start()
         loss = train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
         meter.stop()
         step += 1
-        if rank == 0 and progress is not None and not last:
+        if rank == 0 and progress is not None and first_step:
             progress.put({"event": "first_step", "time": time.time(), "startup": startup})
+        first_step = False
         last = {"train/loss": loss, "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm(engine)}
         log_due = step % tr.log_every == 0 or step == tr.max_steps
         eval_due = (tr.eval_every and step % tr.eval_every == 0) or step == tr.max_steps
@@ -100,13 +101,16 @@ def train_step(engine, loader: ResumableLoader, objective, accumulation: int, pa
     engine.train()
     total = torch.zeros((), dtype=torch.float64)
     for _ in range(accumulation):
-        batch = {k: v.to(engine.device) for k, v in objective.collate(loader.next_batch(), pad_id).items()}
-        loss = objective.loss(engine, batch)
+        loss = objective.loss(engine, next_batch(loader, objective, pad_id, engine.device))
         engine.backward(loss)
         engine.step()
         total += loss.detach().double().cpu()
     dist.all_reduce(total)
     return total.item() / (accumulation * dist.get_world_size())
+
+
+def next_batch(loader: ResumableLoader, objective, pad_id: int, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in objective.collate(loader.next_batch(), pad_id).items()}
 
 
 def grad_norm(engine) -> float:
@@ -124,8 +128,7 @@ def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int, 
     n_batches = max(1, min(cfg.trainer.eval_batches, len(store) // (batch_size * world_size)))
     total = torch.zeros((), dtype=torch.float64)
     for _ in range(n_batches):
-        batch = {k: v.to(engine.device) for k, v in objective.collate(loader.next_batch(), pad_id).items()}
-        total += objective.loss(engine, batch).double().cpu()
+        total += objective.loss(engine, next_batch(loader, objective, pad_id, engine.device)).double().cpu()
     dist.all_reduce(total)
     mean = total.item() / (n_batches * world_size)
     return {f"val/{k}": v for k, v in objective.metrics(mean).items()}
