@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from data.prepared import prepare_training_data
 from orchestrator import runs
+from orchestrator.checkpoint import latest_checkpoint
 from orchestrator.config import GROUPS, from_dict, to_dict
 from orchestrator.errors import LmforgeError
 from orchestrator.schema import LmforgeConfig
@@ -152,7 +153,11 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
 
     fitter = threading.Thread(target=fit, daemon=True)
     fitter.start()
-    metrics = follow(events, fitter)
+    try:
+        metrics = follow(events, fitter)
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints stay resumable; close the MLflow run as killed
+        finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "KILLED")
+        raise
     fitter.join()
     first_step = metrics.pop("first_step_at", None)
     startup = startup_phases(marks | metrics.pop("worker_startup", {}), first_step)
@@ -160,8 +165,6 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
         finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FAILED")
         raise LmforgeError(f"training failed: {outcome['error']}") from outcome["error"]
     finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FINISHED")
-    from orchestrator.checkpoint import latest_checkpoint
-
     return TrainResult(run_name, run_dir, mlflow_run_id, metrics, latest_checkpoint(run_dir),
                        first_step - wall_started if first_step else None, startup)
 
