@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     prepare.set_defaults(func=cmd_data_prepare)
 
-    train = commands.add_parser("train", help="pretrain or fine-tune on Ray Train with DeepSpeed ZeRO")
+    train = commands.add_parser("train", help="pretrain a language model on Ray Train with DeepSpeed ZeRO workers")
     train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; resume=<run dir | MLflow run id>")
     train.set_defaults(func=cmd_train)
