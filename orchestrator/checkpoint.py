@@ -82,15 +82,19 @@ def save_shards(engine, local_dir: Path, step: int, rank: int, world_size: int, 
     tmp.rename(local_dir / MARKER)
 
 
-def is_complete(path: str) -> bool:
+def complete_marker(path: str) -> dict | None:
+    """The checkpoint's marker if the checkpoint is complete (marker present, every listed file present)."""
     fs, root = fsspec.core.url_to_fs(path)
-    marker = f"{root}/{MARKER}"
-    if not fs.exists(marker):
-        return False
-    with fs.open(marker) as f:
-        files = json.load(f)["files"]
+    if not fs.exists(f"{root}/{MARKER}"):
+        return None
+    with fs.open(f"{root}/{MARKER}") as f:
+        marker = json.load(f)
     present = {p[len(root) + 1:] for p in fs.find(root)}
-    return all(f in present for f in files)
+    return marker if all(f in present for f in marker["files"]) else None
+
+
+def is_complete(path: str) -> bool:
+    return complete_marker(path) is not None
 
 
 def read_marker(path: str) -> dict:
@@ -108,8 +112,8 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     for entry in fs.ls(root, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         uri = protocol + entry if protocol and not entry.startswith(protocol) else entry
-        if name.startswith("checkpoint_") and is_complete(uri):
-            found.append((read_marker(uri)["step"], uri))
+        if name.startswith("checkpoint_") and (marker := complete_marker(uri)) is not None:
+            found.append((marker["step"], uri))
     return sorted(found)
 
 

@@ -81,7 +81,7 @@ def generate(target: str, prompt: str, cfg: LmforgeConfig, max_new_tokens: int =
 
 def _local_copy(uri: str, tmp: Path) -> Path:
     fs, path = fsspec.core.url_to_fs(uri)
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    if "file" in fs.protocol:  # a str or a tuple of names, e.g. ("file", "local")
         return Path(path)
     fs.get(path, str(tmp / "checkpoint"), recursive=True)
     return tmp / "checkpoint"

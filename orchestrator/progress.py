@@ -10,7 +10,7 @@ SHOWN = (("train/loss", "loss", "{:.3f}"), ("val/loss", "val", "{:.3f}"), ("trai
          ("train/tokens_per_second", "tok/s", "{:,.0f}"), ("train/mfu", "mfu", "{:.1%}"))
 
 
-def follow(events, worker: threading.Thread, bar_position: int = 0) -> dict:
+def follow(events, worker: threading.Thread) -> dict:
     """Draw a progress bar with an ETA until `worker` (running trainer.fit) ends; return the last metrics."""
     bar, last = None, {}
     while worker.is_alive() or not events.empty():
@@ -25,7 +25,7 @@ def follow(events, worker: threading.Thread, bar_position: int = 0) -> dict:
         if event["event"] == "start":
             if bar is None:
                 bar = tqdm(total=event["max_steps"], initial=event["step"], unit="step", file=sys.stderr,
-                           dynamic_ncols=True, position=bar_position, desc="train")
+                           dynamic_ncols=True, desc="train")
             else:  # a restart after a failure resumes from a checkpoint
                 bar.n = event["step"]
                 bar.write(f"restarted from step {event['step']}")
