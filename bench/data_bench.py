@@ -1,6 +1,6 @@
 """Data pipeline benchmark: prepare MB/s vs raw HF tokenizers, and loader tokens/s vs a training step.
 
-    python bench/data_bench.py [--mb 40] [--steps 20]
+    python bench/data_bench.py [--mb 40] [--steps 20] [--rounds 3]
 
 Ratios reported (goals from the data issue): prepare >= 0.7x raw `tokenizers` batch encoding of the same
 text on the same cores; loader >= 10x the tokens/s one training step consumes (default config, gpt-mini).
@@ -81,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=40.0, help="corpus size in MB")
     parser.add_argument("--steps", type=int, default=20, help="training steps to time")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved raw/ray/local rounds (medians)")
     args = parser.parse_args()
     from orchestrator.quiet import set_verbosity
 
@@ -97,37 +98,41 @@ def main() -> None:
     tokenizer = train_tokenizer(texts[:2000], cfg.data.tokenizer)
     tokenizer.save_pretrained(str(work / "tokenizer"))
     tokenizer_json = tokenizer.backend_tokenizer.to_str()
-    raw_s = bench_raw_tokenizer(tokenizer_json, texts)
-    del texts
 
     data = cfg.data
     data.source, data.paths, data.name = "jsonl", [str(work / "corpus.jsonl")], "bench"
     data.tokenizer.kind, data.tokenizer.path = "pretrained", str(work / "tokenizer")
     cpus = os.cpu_count()
-    results = {}
     started = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    results["ray_start_s"] = time.perf_counter() - started
-    for engine in ("ray", "local"):
-        started = time.perf_counter()
-        out = prepare_training_data(data, work / engine, cfg.seed, engine=engine)
-        results[f"prepare_{engine}_s"] = time.perf_counter() - started
+    ray_start_s = time.perf_counter() - started
+    # Interleaved rounds, medians reported: one-off load on the machine hits all three alike.
+    timings = {"raw": [], "ray": [], "local": []}
+    for round_ in range(args.rounds):
+        timings["raw"].append(bench_raw_tokenizer(tokenizer_json, texts))
+        for engine in ("ray", "local"):
+            started = time.perf_counter()
+            out = prepare_training_data(data, work / f"{engine}-{round_}", cfg.seed, engine=engine)
+            timings[engine].append(time.perf_counter() - started)
     ray.shutdown()
+    del texts
+    results = {name: sorted(values)[len(values) // 2] for name, values in timings.items()}
     meta = read_meta(out)
     store = open_split(out, "train")
     loader_tps = bench_loader(store, cfg.trainer.micro_batch_size)
     step_tps = bench_training_step(cfg, tokenizer, args.steps)
 
-    raw_mbs = size / 1e6 / raw_s
+    raw_mbs = size / 1e6 / results["raw"]
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {cpus} CPU cores, {platform.system()}",
         "corpus_MB": round(size / 1e6, 1), "documents": meta["counts"]["documents_read"],
         "tokens": meta["counts"]["tokens_from_documents"],
         "raw_tokenizers_MB_s": round(raw_mbs, 2),
-        "ray_start_s (excluded)": round(results["ray_start_s"], 1),
+        "ray_start_s (excluded)": round(ray_start_s, 1), "rounds": args.rounds,
+        "seconds_per_round": {name: [round(v, 2) for v in values] for name, values in timings.items()},
     }
     for engine in ("ray", "local"):
-        mbs = size / 1e6 / results[f"prepare_{engine}_s"]
+        mbs = size / 1e6 / results[engine]
         report[f"prepare_{engine}_MB_s"] = round(mbs, 2)
         report[f"prepare_{engine}_vs_raw"] = round(mbs / raw_mbs, 2)
     report |= {"loader_tokens_s": round(loader_tps), "train_step_tokens_s (gpt-mini, B=8, T=256)": round(step_tps),

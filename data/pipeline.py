@@ -1,11 +1,12 @@
 """Build a prepared corpus: read and clean, split, train a tokenizer, tokenize (Ray Data or local), pack, shard.
 
 Stages, each bounded in driver memory:
-1. read + clean on the driver, in source order (first of a duplicate wins), into ~2 MB Arrow chunks; with
-   the Ray engine each chunk goes straight to the object store.
+1. read + clean on the driver, in source order (first of a duplicate wins), into ~2 MB chunks; with the
+   Ray engine each chunk goes straight to the object store as an Arrow table.
 2. split whole documents into train/val by a seeded hash rank, and train the tokenizer on train documents.
-3. tokenize the chunks with Ray Data `map_batches` across the cluster (or in this process for small
-   corpora), streamed back in order, so packing overlaps tokenization.
+3. tokenize the chunks with Ray Data `map_batches` across the cluster, or in a thread of this process
+   (which starts on each chunk as it is read when the tokenizer is given); results stream back in order,
+   so packing and writing overlap tokenization.
 4. pack each split and write WebDataset shards; the manifest records counts, drops, checksums and config.
 """
 
@@ -13,8 +14,9 @@ import hashlib
 import os
 import shutil
 import time
-from collections import Counter
-from functools import lru_cache
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ import pyarrow as pa
 
 from data.clean import Cleaner
 from data.config import DataConfig
+from data.encode import encodings, to_ids, tokenize_table
 from data.packing import StreamPacker, token_dtype
 from data.shards import ShardWriter
 from data.sources import iter_documents
@@ -31,6 +34,7 @@ from orchestrator.errors import LmforgeError
 CHUNK_CHARS = 2_000_000  # text per Arrow chunk: one Ray Data block, one tokenize task
 # BPE training cost grows with the longest whitespace-free run (minified code, base64): sample heads only.
 TRAIN_CHARS = 20_000
+LOCAL_AHEAD = 4  # chunks the local engine tokenizes ahead of packing (about 2 MB of text each)
 SPLITS = ("train", "val")
 
 
@@ -41,15 +45,19 @@ def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool) ->
         return build_from_tokens(cfg, out, seed, stats) | {"seconds": round(time.time() - started, 3)}
     started_ray = engine == "ray" and start_ray()
     try:
-        chunks, keys = stage_documents(cfg, seed, stats, engine, progress)
+        # A given tokenizer can start on each chunk as it is read; a trained one needs the whole split first.
+        given = train_tokenizer([], cfg.tokenizer) if cfg.tokenizer.kind == "pretrained" else None
+        early = ThreadTokenizer(given.backend_tokenizer.to_str()) if given and engine == "local" else None
+        chunks, keys = stage_documents(cfg, seed, stats, engine, progress, early.submit if early else None)
         if len(keys) < 2:
             raise LmforgeError(f"data: only {len(keys)} document(s) left after cleaning "
                                f"({dict(stats)}); need at least 2 for a train/val split")
         n_val = max(1, round(len(keys) * cfg.val_fraction))
         val_below = np.partition(keys, n_val - 1)[n_val - 1]  # keys <= this are validation documents
-        tokenizer = train_tokenizer(train_texts(chunks, val_below, cfg.tokenizer.train_docs), cfg.tokenizer)
+        tokenizer = given or train_tokenizer(train_texts(chunks, val_below, cfg.tokenizer.train_docs),
+                                             cfg.tokenizer)
         tokenizer.save_pretrained(str(out / "tokenizer"))
-        tokenized = tokenize(chunks, tokenizer.backend_tokenizer.to_str(), engine)
+        tokenized = early or tokenize(chunks, tokenizer.backend_tokenizer.to_str(), engine)
         splits = pack_and_write(cfg, out, tokenized, val_below, tokenizer, stats, progress, len(chunks))
     finally:
         if started_ray:
@@ -74,8 +82,10 @@ def start_ray() -> bool:
     return True
 
 
-def stage_documents(cfg: DataConfig, seed: int, stats: Counter, engine: str, progress: bool):
-    """Cleaned document pieces as Arrow chunks (or object refs), and the split key of every document."""
+def stage_documents(cfg: DataConfig, seed: int, stats: Counter, engine: str, progress: bool, on_chunk=None):
+    """Cleaned document pieces as chunks (object refs with Ray), and the split key of every document.
+
+    `on_chunk` sees each chunk as soon as it is complete."""
     from tqdm import tqdm
 
     cleaner, salt = Cleaner(cfg.clean, stats), seed.to_bytes(8, "little", signed=True)
@@ -98,37 +108,64 @@ def stage_documents(cfg: DataConfig, seed: int, stats: Counter, engine: str, pro
         if chars >= CHUNK_CHARS:
             chunks.append(to_chunk(rows, engine))
             rows, chars = {"text": [], "cont": [], "key": []}, 0
+            if on_chunk:
+                on_chunk(chunks[-1])
     if rows["text"]:
         chunks.append(to_chunk(rows, engine))
+        if on_chunk:
+            on_chunk(chunks[-1])
     stats["documents_kept"] = len(keys)
     return chunks, np.asarray(keys, dtype=np.uint64)
 
 
+@dataclass
+class Chunk:
+    """Cleaned document pieces in source order, with the split key of the document each belongs to."""
+
+    text: list[str]
+    cont: np.ndarray  # bool: the piece continues in the next one
+    key: np.ndarray  # uint64
+
+
+@dataclass
+class TokenChunk:
+    """A chunk after tokenizing: every piece's token ids back to back in `flat`, `lengths` apart."""
+
+    flat: np.ndarray
+    lengths: np.ndarray
+    cont: np.ndarray
+    key: np.ndarray
+
+    def select(self, mask: np.ndarray) -> "TokenChunk":
+        return TokenChunk(self.flat[np.repeat(mask, self.lengths)], self.lengths[mask], self.cont[mask],
+                          self.key[mask])
+
+
 def to_chunk(rows: dict, engine: str):
-    table = pa.table({"text": pa.array(rows["text"], pa.large_string()), "cont": pa.array(rows["cont"]),
-                      "key": pa.array(rows["key"], pa.uint64())})
-    if engine == "ray":
-        import ray
-
-        return ray.put(table)
-    return table
-
-
-def fetch(chunk) -> pa.Table:
-    if isinstance(chunk, pa.Table):
+    chunk = Chunk(rows["text"], np.asarray(rows["cont"], dtype=bool), np.asarray(rows["key"], dtype=np.uint64))
+    if engine != "ray":
+        # Plain numpy in-process: pyarrow would import pandas (about 0.5 s) before the first chunk could start.
         return chunk
     import ray
 
-    return ray.get(chunk)
+    return ray.put(pa.table({"text": pa.array(chunk.text, pa.large_string()), "cont": chunk.cont,
+                             "key": chunk.key}))
+
+
+def fetch(chunk) -> Chunk:
+    if isinstance(chunk, Chunk):
+        return chunk
+    import ray
+
+    table = ray.get(chunk)
+    return Chunk(table["text"].to_pylist(), np.asarray(table["cont"]), np.asarray(table["key"]))
 
 
 def train_texts(chunks: list, val_below: int, limit: int):
     """Texts of the first `limit` training documents, for tokenizer training."""
     seen = 0
-    for chunk in chunks:
-        table = fetch(chunk)
-        is_train = np.asarray(table["key"]) > val_below
-        for text, train in zip(table["text"].to_pylist(), is_train):
+    for chunk in map(fetch, chunks):
+        for text, train in zip(chunk.text, chunk.key > val_below):
             if train:
                 yield text[:TRAIN_CHARS]
                 seen += 1
@@ -136,26 +173,53 @@ def train_texts(chunks: list, val_below: int, limit: int):
                     return
 
 
-@lru_cache(maxsize=2)
-def backend(tokenizer_json: str):
-    from tokenizers import Tokenizer
+def from_table(table: pa.Table) -> TokenChunk:
+    ids = table["ids"].combine_chunks()
+    return TokenChunk(ids.values.to_numpy(), np.diff(ids.offsets.to_numpy()), np.asarray(table["cont"]),
+                      np.asarray(table["key"]))
 
-    return Tokenizer.from_str(tokenizer_json)
 
+class ThreadTokenizer:
+    """Tokenizes chunks in a background thread as they are handed in, in order.
 
-def tokenize_table(table: pa.Table, tokenizer_json: str) -> pa.Table:
-    """One Ray Data batch: text in, uint32 token id lists out, other columns passed through."""
-    tok = backend(tokenizer_json)
-    texts = table["text"].to_pylist()
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    ids = pa.array([e.ids for e in encode(texts, add_special_tokens=False)], pa.large_list(pa.uint32()))
-    return pa.table({"ids": ids, "cont": table["cont"], "key": table["key"]})
+    The thread does only the tokenizer's own work, which releases the GIL and uses every core, so reading
+    and cleaning the next chunks, and turning encodings into ids, packing and writing the previous ones
+    happen meanwhile on this thread. At most `ahead` results wait unconsumed.
+    """
+
+    def __init__(self, tokenizer_json: str, ahead: int | None = None):
+        self.tokenizer_json, self.ahead = tokenizer_json, ahead or LOCAL_AHEAD
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-tokenize")
+        self.running: deque = deque()
+        self.waiting: deque = deque()
+
+    def submit(self, chunk: Chunk) -> None:
+        self.waiting.append(chunk)
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.waiting and len(self.running) < self.ahead:
+            chunk = self.waiting.popleft()
+            self.running.append((chunk, self.pool.submit(encodings, chunk.text, self.tokenizer_json)))
+
+    def __iter__(self):
+        try:
+            while self.running:
+                chunk, done = self.running.popleft()
+                batch = done.result()
+                self._fill()
+                yield TokenChunk(*to_ids(batch), chunk.cont, chunk.key)
+        finally:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def tokenize(chunks: list, tokenizer_json: str, engine: str):
     """Tokenized chunks in input order: through Ray Data across the cluster, or in this process."""
     if engine != "ray":
-        return (tokenize_table(chunk, tokenizer_json) for chunk in chunks)
+        local = ThreadTokenizer(tokenizer_json)
+        for chunk in chunks:
+            local.submit(chunk)
+        return local
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -163,7 +227,7 @@ def tokenize(chunks: list, tokenizer_json: str, engine: str):
     ds = ray.data.from_arrow_refs(chunks).map_batches(
         tokenize_table, batch_format="pyarrow", batch_size=None, fn_kwargs={"tokenizer_json": tokenizer_json},
         num_cpus=1)
-    return ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4)
+    return map(from_table, ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4))
 
 
 def pack_and_write(cfg: DataConfig, out: Path, tokenized, val_below: int, tokenizer, stats: Counter,
@@ -175,19 +239,15 @@ def pack_and_write(cfg: DataConfig, out: Path, tokenized, val_below: int, tokeni
     packers = {s: StreamPacker(cfg.seq_len, tokenizer.eos_token_id, cfg.packed) for s in SPLITS}
     writers = {s: ShardWriter(out, s, shard_bytes, dtype) for s in SPLITS}
     docs = Counter()
-    for table in tqdm(tokenized, desc="tokenize+pack", unit=" chunks", total=total, disable=not progress):
-        is_val = np.asarray(table["key"]) <= val_below
+    for chunk in tqdm(tokenized, desc="tokenize+pack", unit=" chunks", total=total, disable=not progress):
+        is_val = chunk.key <= val_below
         for split, mask in (("train", ~is_val), ("val", is_val)):
-            part = table.filter(pa.array(mask))
-            if part.num_rows == 0:
+            if not mask.any():
                 continue
-            ids = part["ids"].combine_chunks()
-            flat = ids.values.to_numpy(zero_copy_only=False)
-            lengths = np.diff(ids.offsets.to_numpy())
-            conts = np.asarray(part["cont"])
-            docs[split] += int((~conts).sum())
-            stats["tokens_from_documents"] += len(flat)
-            for sample in packers[split].add(flat, lengths, conts):
+            part = chunk.select(mask)
+            docs[split] += int((~part.cont).sum())
+            stats["tokens_from_documents"] += len(part.flat)
+            for sample in packers[split].add(part.flat, part.lengths, part.cont):
                 writers[split].write(sample)
     splits = {}
     for split in SPLITS:

@@ -26,45 +26,76 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tar_header(name: str, size: int) -> bytes:
+    """A 512-byte POSIX ustar member header: regular file, mode 644, mtime 0 (so shards are reproducible)."""
+    header = bytearray(tarfile.BLOCKSIZE)
+    header[0:len(name)] = name.encode()
+    for at, width, value in ((100, 8, 0o644), (108, 8, 0), (116, 8, 0), (124, 12, size), (136, 12, 0)):
+        header[at:at + width] = b"%0*o\0" % (width - 1, value)
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    header[156:157] = tarfile.REGTYPE
+    header[257:265] = tarfile.POSIX_MAGIC
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
 class ShardWriter:
-    """Writes `<split>-NNNNNN.tar` shards of about `shard_bytes` each under `directory`."""
+    """Writes `<split>-NNNNNN.tar` shards of about `shard_bytes` each under `directory`.
+
+    Members are written directly rather than through `tarfile`, whose per-member header work cost more than
+    tokenizing; the bytes are plain ustar, and the sha256 is taken as they are written.
+    """
 
     def __init__(self, directory: Path, split: str, shard_bytes: int, dtype: np.dtype):
         self.directory, self.split, self.shard_bytes, self.dtype = directory, split, shard_bytes, dtype
         self.shards: list[dict] = []
         self.samples = self.tokens = 0
-        self._tar = None
+        self._file, self._digest, self._offset = None, None, 0
         self._index: list[tuple[int, int]] = []
+        self._npy_headers: dict[int, bytes] = {}
 
     def write(self, tokens: np.ndarray) -> None:
-        if self._tar is None:
+        if self._file is None:
             path = self.directory / f"{self.split}-{len(self.shards):06d}.tar"
-            self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed per shard
-        array = np.ascontiguousarray(tokens, dtype=self.dtype)
-        buf = io.BytesIO()
-        np.save(buf, array, allow_pickle=False)
-        payload = buf.getvalue()
-        info = tarfile.TarInfo(f"{self.samples:010d}.input_ids.npy")
-        info.size, info.mode = len(payload), 0o644
-        header = len(info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors))
-        data_at = self._tar.offset + header + len(payload) - array.nbytes
-        self._tar.addfile(info, io.BytesIO(payload))
-        self._index.append((data_at, len(array)))
+            self._file, self._digest, self._offset = open(path, "wb"), hashlib.sha256(), 0  # noqa: SIM115
+        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
+        npy = self._npy_header(len(tokens))
+        size = len(npy) + len(data)
+        member = b"".join((tar_header(f"{self.samples:010d}.input_ids.npy", size), npy, data,
+                           bytes(-size % tarfile.BLOCKSIZE)))
+        self._index.append((self._offset + tarfile.BLOCKSIZE + len(npy), len(tokens)))
+        self._put(member)
         self.samples += 1
-        self.tokens += len(array)
-        if self._tar.offset >= self.shard_bytes:
+        self.tokens += len(tokens)
+        if self._offset >= self.shard_bytes:
             self._close_shard()
 
+    def _npy_header(self, length: int) -> bytes:
+        if length not in self._npy_headers:
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                       "fortran_order": False, "shape": (length,)})
+            self._npy_headers[length] = buf.getvalue()
+        return self._npy_headers[length]
+
+    def _put(self, data: bytes) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+        self._offset += len(data)
+
     def _close_shard(self) -> None:
-        path = Path(self._tar.name)
-        self._tar.close()
+        # End of archive: two zero blocks, padded to tar's 10 KiB record like GNU tar and Python write.
+        end = self._offset + 2 * tarfile.BLOCKSIZE
+        self._put(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        path = Path(self._file.name)
+        self._file.close()
         np.save(path.with_name(path.name + ".idx.npy"), np.asarray(self._index, dtype=np.int64))
-        self.shards.append({"name": path.name, "samples": len(self._index), "bytes": path.stat().st_size,
-                            "sha256": sha256_file(path)})
-        self._tar, self._index = None, []
+        self.shards.append({"name": path.name, "samples": len(self._index), "bytes": self._offset,
+                            "sha256": self._digest.hexdigest()})
+        self._file, self._index = None, []
 
     def close(self) -> list[dict]:
-        if self._tar is not None:
+        if self._file is not None:
             self._close_shard()
         return self.shards
 

@@ -197,6 +197,22 @@ def test_ray_data_engine_matches_local_engine(tmp_path, ray_cluster):
     assert read_meta(local)["splits"] == read_meta(ray_out)["splits"], "same shards, same checksums"
 
 
+def test_given_tokenizer_is_applied_while_reading_with_identical_output(tmp_path, ray_cluster, monkeypatch):
+    import data.pipeline
+
+    docs = make_docs(400, words=200)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    monkeypatch.setattr(data.pipeline, "CHUNK_CHARS", 40_000)  # ~12 chunks of the ~500 KB corpus
+    monkeypatch.setattr(data.pipeline, "LOCAL_AHEAD", 2)  # more chunks than slots: some wait for a free one
+    trained = prepare_training_data(make_cfg("jsonl", [tmp_path / "r.jsonl"]), tmp_path / "t", 0, engine="local")
+    given = make_cfg("jsonl", [tmp_path / "r.jsonl"])
+    given.tokenizer.kind, given.tokenizer.path = "pretrained", str(trained / "tokenizer")
+    local = prepare_training_data(given, tmp_path / "a", 0, engine="local")
+    ray_out = prepare_training_data(given, tmp_path / "b", 0, engine="ray")
+    assert read_meta(local)["splits"] == read_meta(trained)["splits"] == read_meta(ray_out)["splits"]
+    assert read_meta(local)["counts"] == read_meta(trained)["counts"]
+
+
 def test_cli_prepare_reports_and_reuses(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(20)))
