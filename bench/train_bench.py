@@ -1,13 +1,15 @@
 """Training throughput of lmforge (1 and 2 workers) against plain PyTorch and torchrun DDP, plus cold start.
 
-    python bench/train_bench.py [--steps 40] [--warmup 5]
+    python bench/train_bench.py [--steps 100]
 
 All four runs train the same model on the same prepared data for the same number of steps, with the same
 micro batch per process and one torch thread per process. lmforge runs as users run it: `lmforge train`
-in a fresh process with its own embedded Ray cluster. Tokens/s comes from the median per-step time after
-the warm-up steps, timed the same way everywhere (batch, forward, backward, optimizer update; no eval or
-checkpoint), because this machine may be shared and the median shrugs off another job's bursts.
-The results replace the "Training throughput" section of bench/RESULTS.md; other sections are kept.
+in a fresh process with its own embedded Ray cluster, logging every `trainer.log_every` (default 10)
+steps. Step time is compared in the windows lmforge logs: lmforge's `train/step_time_s` is the mean
+optimizer-step time of each window (batch, forward, backward, update; no eval or checkpoint), and the
+baselines' per-step times are averaged over the same windows. The first window (warm-up) is left out and
+tokens/s comes from the median window, because this machine may be shared and the median shrugs off
+another job's bursts. The results replace the "Training throughput" section of bench/RESULTS.md.
 """
 
 import argparse
@@ -20,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -28,63 +29,41 @@ SECTION = "Training throughput"
 THREADS = 1  # Ray gives each 1-CPU worker OMP_NUM_THREADS=1; the baselines are pinned to match
 
 
+WINDOW = 10  # lmforge's default trainer.log_every
+
+
 def workload(steps: int) -> list[str]:
     """The shared lmforge overrides: gpt-mini at 256 tokens, where per-step compute dominates."""
     return ["model=gpt-mini", "data.seq_len=256", "trainer.micro_batch_size=8", f"trainer.max_steps={steps}",
-            "trainer.warmup_steps=4", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1",
-            f"checkpoint.every={steps}", "checkpoint.keep_last=1", "tracking=mlflow-local"]
+            "trainer.warmup_steps=4", f"trainer.log_every={WINDOW}", "trainer.eval_every=0",
+            "trainer.eval_batches=1", f"checkpoint.every={steps}", "checkpoint.keep_last=1", "tracking=mlflow-local"]
 
 
 def run_lmforge(base: list[str], workers: int, scratch: str) -> dict:
-    """`lmforge train` in a fresh process; per-step times and the first step's end come from its MLflow run."""
+    """`lmforge train` in a fresh process; window step times from its MLflow run, start-up from its output."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.config import load_config
-    from orchestrator.launcher import ray_temp_dir
     from orchestrator.runs import read_run_info, storage_root
     from orchestrator.tracking import tracking_uri
 
     name = f"bench-w{workers}-{int(time.time())}"
     overrides = base + [f"hardware.workers={workers}", f"run_name={name}"]
     cfg = load_config(overrides)
-    launched = time.time()
     with open(f"{scratch}/{name}.log", "w") as log:
         code = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train"] + overrides, stdout=log,
                               stderr=subprocess.STDOUT).returncode
+    output = Path(f"{scratch}/{name}.log").read_text()
     if code != 0:
         sys.exit(f"lmforge train failed; see {scratch}/{name}.log")
     run_id = read_run_info(f"{storage_root(cfg)}/{name}")["mlflow_run_id"]
     client = MlflowClient(tracking_uri(cfg.tracking, cfg.paths.root))
     history = sorted(client.get_metric_history(run_id, "train/step_time_s"), key=lambda m: m.step)
-    first_step_at = history[0].timestamp / 1000  # logged by rank 0 right after step 1
-    return {"step_times": [m.value for m in history],
-            "phases": cold_start_phases(name, launched, first_step_at, ray_temp_dir(cfg) or "/tmp/ray",
-                                        history[0].value)}
-
-
-def cold_start_phases(name: str, launched: float, first_step_at: float, ray_tmp: str, step1_s: float) -> dict:
-    """Split launch -> end of step 1 at timestamps Ray leaves behind: session start, Train controller logs."""
-    def started(session: Path) -> float:
-        return datetime.strptime("_".join(session.name.split("_")[1:4]), "%Y-%m-%d_%H-%M-%S_%f").timestamp()
-
-    session = min((s for s in Path(ray_tmp).glob("session_2*") if started(s) >= launched), key=started)
-    ray_init_at = started(session)
-    controller, launched_fn = None, None
-    for log in Path(session, "logs", "train").glob("ray-train-sys-*.log"):
-        for line in log.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("run_name") != name:
-                continue
-            at = record["timestamp_ns"] / 1e9
-            if record.get("component") == "controller":
-                controller = min(controller or at, at)
-            if "Launching training function" in record["message"]:
-                launched_fn = max(launched_fn or at, at)
-    return {"lmforge CLI: Python start, imports, config, prepared-data check, MLflow run": ray_init_at - launched,
-            "ray.init (embedded cluster) and Ray Train controller start": controller - ray_init_at,
-            "Ray Train worker group: worker actors, torch import, gloo process group": launched_fn - controller,
-            "train_loop: imports, model, DeepSpeed init (split below)": first_step_at - step1_s - launched_fn,
-            "step 1": step1_s, "total": first_step_at - launched}
+    # lmforge prints: "first step:  16.8s after launch (python_and_imports 2.0s, data_prepared 0.0s, ...)"
+    found = re.search(r"first step:\s+([\d.]+)s after launch \((.*)\)", output)
+    phases = dict((name, float(secs)) for name, secs in re.findall(r"(\w+) ([\d.]+)s", found.group(2)))
+    return {"windows": [m.value for m in history if m.step % WINDOW == 0],
+            "cold_start": {"total": float(found.group(1))} | phases}
 
 
 def run_torch(base: list[str], prepared: str, nproc: int, scratch: str) -> dict:
@@ -94,7 +73,8 @@ def run_torch(base: list[str], prepared: str, nproc: int, scratch: str) -> dict:
                                   "--master_port", "29533"] if nproc > 1 else [])
     subprocess.run(launch + [str(BENCH / "torch_loop.py"), "--prepared", prepared, "--threads", str(THREADS),
                              "--out", out] + base, check=True, env=os.environ | {"OMP_NUM_THREADS": str(THREADS)})
-    return json.loads(Path(out).read_text())
+    times = json.loads(Path(out).read_text())["step_times"]
+    return {"windows": [statistics.mean(times[i:i + WINDOW]) for i in range(0, len(times) - WINDOW + 1, WINDOW)]}
 
 
 def probe_worker_setup(prepared: str, overrides: list[str]) -> None:
@@ -131,9 +111,9 @@ def probe_worker_setup(prepared: str, overrides: list[str]) -> None:
     print(json.dumps(laps))
 
 
-def tokens_per_second(times: list[float], warmup: int, tokens_per_step: int) -> dict:
-    steady = times[warmup:]
-    return {"median": tokens_per_step / statistics.median(steady), "mean": tokens_per_step / statistics.mean(steady)}
+def tokens_per_second(windows: list[float], tokens_per_step: int) -> dict:
+    return {"median": tokens_per_step / statistics.median(windows),
+            "mean": tokens_per_step / statistics.mean(windows)}
 
 
 def machine() -> str:
@@ -147,17 +127,18 @@ def machine() -> str:
 def render(args, rows: dict, cold: dict, cold_w2: float, probe: dict, loads: list, params: int) -> str:
     lines = [f"## {SECTION}", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M')} with `python bench/train_bench.py --steps {args.steps} "
-             f"--warmup {args.warmup}` on {machine()}.", "",
+             f"--rounds {args.rounds}` on {machine()}.", "",
              f"Workload: `{' '.join(workload(args.steps))}`: gpt-mini ({params / 1e6:.2f}M parameters), "
-             f"256-token blocks, micro batch 8 per process, {args.steps} steps, of which the first "
-             f"{args.warmup} are warm-up and not counted. lmforge is `lmforge train` with its defaults otherwise: "
-             "embedded Ray cluster, DeepSpeed ZeRO-2, gloo, fp32, MLflow to the local SQLite store "
-             "(`tracking=mlflow-local`; its per-step `train/step_time_s` is what is read back, and logging "
-             "happens outside the timed step). The baselines are `bench/torch_loop.py`: the same HF model, "
-             "AdamW hyperparameters, LR schedule, clipping and batches; no DeepSpeed, no Ray. Threads: one "
-             "torch thread per process everywhere (Ray sets OMP_NUM_THREADS=1 in each 1-CPU worker; the "
-             "baselines get OMP_NUM_THREADS=1 and `torch.set_num_threads(1)`). Tokens/s is global, from the "
-             "median step time; the mean is shown too.", "",
+             f"256-token blocks, micro batch 8 per process, {args.steps} steps per run. lmforge is `lmforge train` "
+             "with its defaults otherwise: embedded Ray cluster, DeepSpeed ZeRO-2, gloo, fp32, MLflow to the "
+             f"local SQLite store, metrics every {WINDOW} steps (the default). The baselines are "
+             "`bench/torch_loop.py`: the same HF model, AdamW hyperparameters, LR schedule, clipping and "
+             "batches; no DeepSpeed, no Ray. Threads: one torch thread per process everywhere (Ray sets "
+             "OMP_NUM_THREADS=1 in each 1-CPU worker; the baselines get OMP_NUM_THREADS=1 and "
+             f"`torch.set_num_threads(1)`). Step time is the mean over each {WINDOW}-step window (lmforge's own "
+             "`train/step_time_s`; the baselines' per-step times averaged the same way), the first window of "
+             f"each run left out; the {args.rounds} rounds run the four configurations one after another and "
+             "pool their windows. Tokens/s is global, from the median window; the mean is shown too.", "",
              "| run | processes | tokens/s (median) | tokens/s (mean) | ratio (median) | goal >= 0.95 |",
              "|---|---|---|---|---|---|"]
     pairs = {"lmforge, 1 worker": "plain PyTorch loop", "lmforge, 2 workers": "torchrun DDP"}
@@ -170,13 +151,13 @@ def render(args, rows: dict, cold: dict, cold_w2: float, probe: dict, loads: lis
               + ". Above about 2 on this 2-core machine, other jobs shared the CPUs during that run.", "",
               "### Cold start", "",
               f"Time from launching `lmforge train` (1 worker, data already prepared) to the end of its first "
-              f"step: **{cold['total']:.1f} s** (issue aim: <= 15 s). It is the first run in a fresh `paths.root`, so it "
-              f"also creates the MLflow SQLite store; the 2-worker run after it took {cold_w2:.1f} s. Phases, from the launch time, the Ray session's start time, the Ray Train "
-              "controller's log timestamps and the MLflow timestamp of step 1:", "",
+              f"step, as lmforge prints it: **{cold['total']:.1f} s** (issue aim: <= 15 s); the 2-worker run "
+              f"took {cold_w2:.1f} s. Phases of the 1-worker run (first round):", "",
               "| phase | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in cold.items() if name != "total"]
-    lines += ["", "The `train_loop` share, timed one phase after another in a fresh process doing the same "
-              "set-up (`python bench/train_bench.py --probe`):", "", "| phase | seconds |", "|---|---|"]
+    lines += ["", "The workers' share of `worker_started` and `deepspeed_ready`, timed one phase after another "
+              "in a fresh process doing the same set-up (`python bench/train_bench.py --probe`):", "",
+              "| phase | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in probe.items()]
     return "\n".join(lines) + "\n"
 
@@ -194,8 +175,8 @@ def write_section(path: Path, section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of tokens/s")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the four runs, windows pooled")
     parser.add_argument("--root", help="lmforge paths.root (default: a fresh temporary directory)")
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     parser.add_argument("--probe", nargs="+", metavar=("PREPARED", "OVERRIDE"), help=argparse.SUPPRESS)
@@ -217,18 +198,21 @@ def main() -> None:
     params = sum(p.numel() for p in build_model(cfg.model, open_tokenizer(prepared), cfg.seed).parameters())
     per_process = cfg.trainer.micro_batch_size * cfg.data.seq_len
 
-    rows, loads, cold = {}, [], {}
-    for name, procs in (("plain PyTorch loop", 1), ("lmforge, 1 worker", 1), ("torchrun DDP", 2),
-                        ("lmforge, 2 workers", 2)):
-        loads.append((name, os.getloadavg()[0]))
-        print(f"bench: {name}, {procs} process(es), {args.steps} steps", flush=True)
-        if name.startswith("lmforge"):
-            out = run_lmforge(base, procs, scratch)
-            cold[procs] = out["phases"]
-        else:
-            out = run_torch(base, prepared, procs, scratch)
-        rows[name] = (procs, tokens_per_second(out["step_times"], args.warmup, per_process * procs))
-        print(f"bench: {name}: {rows[name][1]['median']:,.0f} tokens/s", flush=True)
+    runs = (("plain PyTorch loop", 1), ("lmforge, 1 worker", 1), ("torchrun DDP", 2), ("lmforge, 2 workers", 2))
+    windows, loads, cold = {name: [] for name, _ in runs}, [], {}
+    for round_ in range(args.rounds):
+        for name, procs in runs:
+            loads.append((f"{name} (round {round_ + 1})", os.getloadavg()[0]))
+            print(f"bench: round {round_ + 1}: {name}, {procs} process(es), {args.steps} steps", flush=True)
+            if name.startswith("lmforge"):
+                out = run_lmforge(base, procs, scratch)
+                cold.setdefault(procs, out["cold_start"])
+            else:
+                out = run_torch(base, prepared, procs, scratch)
+            windows[name] += out["windows"][1:]  # the first window holds the warm-up steps
+    rows = {name: (procs, tokens_per_second(windows[name], per_process * procs)) for name, procs in runs}
+    for name, (_, tps) in rows.items():
+        print(f"bench: {name}: {tps['median']:,.0f} tokens/s", flush=True)
 
     probe = json.loads(subprocess.run([sys.executable, __file__, "--probe", prepared] + base, check=True,
                                       capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})

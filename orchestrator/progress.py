@@ -10,14 +10,22 @@ SHOWN = (("train/loss", "loss", "{:.3f}"), ("val/loss", "val", "{:.3f}"), ("trai
          ("train/tokens_per_second", "tok/s", "{:,.0f}"), ("train/mfu", "mfu", "{:.1%}"))
 
 
+DONE = {"event": "done"}  # put by the driver when trainer.fit returns, so waiting needs no polling
+
+
 def follow(events, worker: threading.Thread) -> dict:
     """Draw a progress bar with an ETA until `worker` (running trainer.fit) ends; return the last metrics."""
     bar, last = None, {}
-    while worker.is_alive() or not events.empty():
+    while True:
         try:
-            event = events.get(timeout=0.5)
+            # A long wait: each poll is a call into the queue actor, which shares the workers' cores.
+            event = events.get(timeout=10)
         except (queue.Empty, Exception):  # ray.util.queue.Empty is not queue.Empty
-            continue
+            if worker.is_alive():
+                continue
+            break
+        if event["event"] == "done":
+            break
         if event["event"] == "first_step":
             last.setdefault("first_step_at", event["time"])
             last.setdefault("worker_startup", event["startup"])
