@@ -214,3 +214,18 @@ def test_zero3_resume_on_fewer_workers(home):
     assert restored_steps(home, first.mlflow_run_id) == [10]
     # Continuing, not restarting: a fresh model would be back near ln(512) = 6.2.
     assert abs(per_step[11] - per_step[10]) < 0.15, per_step
+
+
+def test_resume_on_more_workers_continues_from_the_checkpoint(home):
+    """1 worker -> 2: the ZeRO-2 optimizer state is split across more ranks through a universal checkpoint."""
+    first = run(home, ["experiment=smoke", "trainer.max_steps=10", "checkpoint.every=10", "trainer.log_every=1",
+                       "hardware.workers=1", "run_name=zero2-grow"])
+    assert read_marker(first.checkpoint)["world_size"] == 1
+    resumed = run(home, [f"resume={first.run_dir}", "hardware.workers=2", "trainer.max_steps=12"])
+    assert read_marker(resumed.checkpoint)["world_size"] == 2
+    per_step = losses(home, first.mlflow_run_id)
+    assert restored_steps(home, first.mlflow_run_id) == [10]
+    assert sorted(per_step) == list(range(1, 13))
+    # Continuing, not restarting: a fresh model would be back near ln(512) = 6.2.
+    assert abs(per_step[11] - per_step[10]) < 0.15, per_step
+    assert read_marker(resumed.checkpoint)["loader"]["position"] > read_marker(first.checkpoint)["loader"]["position"]
