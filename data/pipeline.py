@@ -31,10 +31,10 @@ from data.sources import iter_documents
 from data.tokenizer import train_tokenizer
 from orchestrator.errors import LmforgeError
 
-CHUNK_CHARS = 2_000_000  # text per Arrow chunk: one Ray Data block, one tokenize task
+CHUNK_CHARS = 1_000_000  # text per chunk: one Ray Data block, one tokenize task; small keeps the pipeline full
 # BPE training cost grows with the longest whitespace-free run (minified code, base64): sample heads only.
 TRAIN_CHARS = 20_000
-LOCAL_AHEAD = 4  # chunks the local engine tokenizes ahead of packing (about 2 MB of text each)
+LOCAL_AHEAD = 8  # chunks the local engine tokenizes ahead of packing (about 1 MB of text each)
 SPLITS = ("train", "val")
 
 
