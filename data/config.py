@@ -62,7 +62,7 @@ class DataConfig:
     packed: bool = True  # false: one sample per document (split at seq_len), padded with the pad token
     shard_mb: float = 64.0  # target size of one WebDataset output shard
     prepared_dir: str | None = None  # where prepared corpora go; default <paths.root>/data
-    engine: str = "auto"  # tokenize with Ray Data (ray), in this process (local), or ray for large corpora
+    engine: str = "auto"  # ray: Ray Data map_batches; local: this process; auto: ray when a cluster is given
     max_doc_chars: int = 1_000_000  # longer documents are read and tokenized in pieces of this size
     token_dtype: str = "auto"  # source=tokens: auto reads an llm.c header or a .json sidecar
     token_vocab_size: int | None = None  # source=tokens: vocabulary size when no header or sidecar says it

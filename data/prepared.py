@@ -56,8 +56,11 @@ def choose_engine(cfg: DataConfig) -> str:
         return cfg.engine
     import sys
 
+    # A cluster the user points at (RAY_ADDRESS) or one this process already joined gets the work;
+    # starting a cluster just to tokenize on one machine costs more than it gains.
     ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-    return "ray" if ray_up and cfg.source not in SMALL_SOURCES else "local"
+    cluster = ray_up or bool(os.environ.get("RAY_ADDRESS"))
+    return "ray" if cluster and cfg.source not in SMALL_SOURCES else "local"
 
 
 def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: str | None = None,

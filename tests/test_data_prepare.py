@@ -224,3 +224,16 @@ def test_cli_prepare_reports_and_reuses(tmp_path):
     assert "train:" in first.stdout and "dropped/skipped" in first.stdout
     again = subprocess.run(args, capture_output=True, text=True, cwd=cwd, timeout=120)
     assert again.stdout.startswith("reused ")
+
+
+def test_auto_engine_uses_ray_data_only_when_a_cluster_is_given(tmp_path, monkeypatch):
+    from data.prepared import choose_engine
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    jsonl = make_cfg("jsonl", [tmp_path / "r.jsonl"])
+    assert choose_engine(jsonl) == "local"  # a laptop: no cluster to start just for tokenizing
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert choose_engine(jsonl) == "ray"
+    jsonl.engine = "local"
+    assert choose_engine(jsonl) == "local", "an explicit engine wins"
+    assert choose_engine(make_cfg("embedded", [])) == "local", "the small embedded corpus stays in-process"
