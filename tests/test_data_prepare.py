@@ -227,8 +227,11 @@ def test_cli_prepare_reports_and_reuses(tmp_path):
 
 
 def test_auto_engine_uses_ray_data_only_when_a_cluster_is_given(tmp_path, monkeypatch):
+    import ray
+
     from data.prepared import choose_engine
 
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # other tests in this module start a cluster
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     jsonl = make_cfg("jsonl", [tmp_path / "r.jsonl"])
     assert choose_engine(jsonl) == "local"  # a laptop: no cluster to start just for tokenizing
