@@ -15,7 +15,6 @@ from pathlib import Path
 from data.config import DataConfig
 from data.shards import ShardStore, verify_shards
 from data.sources import expand_paths, is_remote
-from data.tokenizer import load_tokenizer
 from orchestrator.errors import LmforgeError
 
 FORMAT_VERSION = 2
@@ -129,6 +128,9 @@ def open_tokenizer(prepared: str | Path):
     if not path.is_dir():
         raise LmforgeError(f"{prepared} has no tokenizer (pre-tokenized input without data.tokenizer.kind="
                            f"pretrained and data.tokenizer.path)")
+    # Imported here: transformers costs the driver half a second it does not need when data is prepared.
+    from data.tokenizer import load_tokenizer
+
     return load_tokenizer(path)
 
 
