@@ -43,7 +43,7 @@ def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool) ->
     started, stats = time.time(), Counter()
     if cfg.source == "tokens":
         return build_from_tokens(cfg, out, seed, stats) | {"seconds": round(time.time() - started, 3)}
-    started_ray = engine == "ray" and start_ray()
+    started_ray, early = engine == "ray" and start_ray(), None
     try:
         # A given tokenizer can start on each chunk as it is read; a trained one needs the whole split first.
         given = train_tokenizer([], cfg.tokenizer) if cfg.tokenizer.kind == "pretrained" else None
@@ -60,6 +60,8 @@ def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool) ->
         tokenized = early or tokenize(chunks, tokenizer.backend_tokenizer.to_str(), engine)
         splits = pack_and_write(cfg, out, tokenized, val_below, tokenizer, stats, progress, len(chunks))
     finally:
+        if early is not None:  # bad input stops reading: do not finish tokenizing what was read
+            early.close()
         if started_ray:
             import ray
 
@@ -210,7 +212,10 @@ class ThreadTokenizer:
                 self._fill()
                 yield TokenChunk(*to_ids(batch), chunk.cont, chunk.key)
         finally:
-            self.pool.shutdown(cancel_futures=True)
+            self.close()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
 
 
 def tokenize(chunks: list, tokenizer_json: str, engine: str):
