@@ -80,7 +80,7 @@ def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str])
     os.environ.update(worker_env)
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", include_dashboard=False,
+    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", include_dashboard=cfg.hardware.ray_dashboard,
              log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR", _temp_dir=ray_temp_dir(cfg))
 
 

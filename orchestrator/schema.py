@@ -37,6 +37,9 @@ class HardwareConfig:
     nvme_path: str | None = None
     activation_checkpointing: bool = False
     placement_strategy: str = "PACK"
+    # The embedded local cluster's Ray dashboard, on 127.0.0.1 only. Off by default: on a small machine its
+    # processes take CPU from the workers. Clusters given with --address keep their own setting.
+    ray_dashboard: bool = False
     # Peak dense FLOP/s of one worker's device, for MFU. H100 SXM bf16 is 989e12; a CPU core is a guess.
     peak_flops_per_worker: float = 1.0e11
 

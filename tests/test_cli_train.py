@@ -46,3 +46,26 @@ def test_resume_of_unknown_target_is_a_clear_error(tmp_path):
     out = lmforge("train", "experiment=smoke", f"resume={tmp_path}/nope", env_home=tmp_path / "home", timeout=120)
     assert out.returncode == 2
     assert "nope" in out.stderr and "Traceback" not in out.stderr
+
+
+DASHBOARD_PROBE = """
+import psutil, ray
+from orchestrator.config import load_config
+from orchestrator.launcher import connect
+cfg = load_config(["hardware.ray_dashboard=true", "paths.root=" + {root!r}])
+connect(None, cfg, {{}})
+port = int(ray._private.worker.global_worker.node.address_info["webui_url"].rsplit(":", 1)[1])
+print(sorted({{c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}}))
+ray.shutdown()
+"""
+
+
+def test_embedded_cluster_dashboard_listens_on_loopback_only(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LMFORGE_"))}
+    probe = DASHBOARD_PROBE.format(root=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "['127.0.0.1']"
