@@ -1,7 +1,7 @@
 """Build a prepared corpus: read and clean, split, train a tokenizer, tokenize (Ray Data or local), pack, shard.
 
 Stages, each bounded in driver memory:
-1. read + clean on the driver, in source order (first of a duplicate wins), into ~2 MB chunks; with the
+1. read + clean on the driver, in source order (first of a duplicate wins), into ~1 MB chunks; with the
    Ray engine each chunk goes straight to the object store as an Arrow table.
 2. split whole documents into train/val by a seeded hash rank, and train the tokenizer on train documents.
 3. tokenize the chunks with Ray Data `map_batches` across the cluster, or in a thread of this process
@@ -28,7 +28,7 @@ from data.encode import encodings, to_ids, tokenize_table
 from data.packing import StreamPacker, token_dtype
 from data.shards import ShardWriter
 from data.sources import iter_documents
-from data.tokenizer import train_tokenizer
+from data.tokenizer import load_tokenizer, train_tokenizer
 from orchestrator.errors import LmforgeError
 
 CHUNK_CHARS = 1_000_000  # text per chunk: one Ray Data block, one tokenize task; small keeps the pipeline full
@@ -46,7 +46,7 @@ def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool) ->
     started_ray, early = engine == "ray" and start_ray(), None
     try:
         # A given tokenizer can start on each chunk as it is read; a trained one needs the whole split first.
-        given = train_tokenizer([], cfg.tokenizer) if cfg.tokenizer.kind == "pretrained" else None
+        given = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.kind == "pretrained" else None
         early = ThreadTokenizer(given.backend_tokenizer.to_str()) if given and engine == "local" else None
         chunks, keys = stage_documents(cfg, seed, stats, engine, progress, early.submit if early else None)
         if len(keys) < 2:
@@ -92,6 +92,12 @@ def stage_documents(cfg: DataConfig, seed: int, stats: Counter, engine: str, pro
 
     cleaner, salt = Cleaner(cfg.clean, stats), seed.to_bytes(8, "little", signed=True)
     chunks, keys, rows, chars, key, in_doc = [], [], {"text": [], "cont": [], "key": []}, 0, 0, False
+
+    def emit(rows: dict) -> None:
+        chunks.append(to_chunk(rows, engine))
+        if on_chunk:
+            on_chunk(chunks[-1])
+
     for text, cont in tqdm(iter_documents(cfg, stats), desc="read+clean", unit=" docs", disable=not progress):
         whole = not cont and not in_doc
         if not in_doc:
@@ -108,14 +114,10 @@ def stage_documents(cfg: DataConfig, seed: int, stats: Counter, engine: str, pro
             stats["chars_kept"] += len(text)
         in_doc = cont
         if chars >= CHUNK_CHARS:
-            chunks.append(to_chunk(rows, engine))
+            emit(rows)
             rows, chars = {"text": [], "cont": [], "key": []}, 0
-            if on_chunk:
-                on_chunk(chunks[-1])
     if rows["text"]:
-        chunks.append(to_chunk(rows, engine))
-        if on_chunk:
-            on_chunk(chunks[-1])
+        emit(rows)
     stats["documents_kept"] = len(keys)
     return chunks, np.asarray(keys, dtype=np.uint64)
 

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="prepare corpora into tokenized WebDataset shards")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    prepare = data_commands.add_parser("prepare", help="clean, tokenize (Ray Data), pack and shard conf/data")
+    prepare = data_commands.add_parser("prepare", help="clean, tokenize (Ray Data on a cluster), pack and shard conf/data")
     prepare.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     prepare.set_defaults(func=cmd_data_prepare)
 

@@ -20,7 +20,7 @@ from orchestrator.schema import LmforgeConfig
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # An embedded cluster shares the workers' cores, so it leaves out what only a long-lived shared cluster
 # uses: Prometheus metrics that nothing scrapes here, and the cloud-preemption watcher actor. Measured on
-# 2 cores with 2 workers, this gives the workers about 4% more throughput (bench/RESULTS.md).
+# 2 cores with 2 workers, this gave the workers a few percent more throughput (bench/RESULTS.md).
 LOCAL_CLUSTER_ENV = {"RAY_enable_metrics_collection": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 SHIPPED_EXCLUDES = [".venv/", ".git/", "lmforge_runs/", "bench/", "tests/", "**/__pycache__/", "*.db"]
