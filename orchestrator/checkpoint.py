@@ -17,8 +17,6 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from orchestrator.errors import LmforgeError
 from orchestrator.quiet import muted
@@ -27,6 +25,8 @@ MARKER = "lmforge_checkpoint.json"
 DS_TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
 FAULT_ENV = "LMFORGE_FAULT_BEFORE_COMMIT"  # test hook: crash after the shards, before the marker
+# torch is imported inside the functions that run on workers: the driver only lists and reads markers, and
+# its torch import (about 1 s) then overlaps Ray's start-up instead of preceding it.
 
 
 @dataclass
@@ -41,6 +41,8 @@ def dir_name(step: int) -> str:
 
 
 def rng_state() -> dict:
+    import torch
+
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": np.random.get_state()[1].tolist()}
     if torch.cuda.is_available():
@@ -49,6 +51,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), 0, 0, 0.0))
@@ -59,6 +63,9 @@ def set_rng_state(state: dict) -> None:
 def save_shards(engine, local_dir: Path, step: int, rank: int, world_size: int, loader_state: dict,
                 metrics: dict, config: dict, tokenizer) -> None:
     """Collective: every rank writes its shards into `local_dir`; rank 0 then commits the marker."""
+    import torch
+    import torch.distributed as dist
+
     engine.save_checkpoint(str(local_dir), tag=DS_TAG, client_state={"step": step})
     if rank == 0:  # the checkpoint carries its tokenizer, so export needs nothing else
         tokenizer.save_pretrained(str(local_dir / "tokenizer"))
@@ -128,6 +135,9 @@ def restore(engine, checkpoint_dir: Path, rank: int, reshard: bool = False) -> R
     With `reshard`, the checkpoint was written by a different number of workers: it is first converted to
     DeepSpeed's universal format, which the engine (built with load_universal) re-partitions on load.
     """
+    import torch
+    import torch.distributed as dist
+
     marker = json.loads((checkpoint_dir / MARKER).read_text())
     check_safe_to_load(checkpoint_dir)
     if reshard:
@@ -172,6 +182,8 @@ def check_safe_to_load(local: Path) -> None:
 
     DeepSpeed's consolidation unpickles with weights_only=False; a file we did not write could run code.
     """
+    import torch
+
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         for path in sorted((local / DS_TAG).glob("*.pt")):
             try:

@@ -102,14 +102,14 @@ def ray_temp_dir(cfg: LmforgeConfig) -> str | None:
 
 def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
           worker_env: dict[str, str] | None = None) -> TrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
-
     from orchestrator.progress import DONE, follow
     from orchestrator.tracking import finish_run, start_run
 
     wall_started = time.time()
+    # Ray Train's torch side imports torch (about 2 s on a small machine); that overlaps preparing data and
+    # starting Ray and the MLflow run, which mostly wait on other processes.
+    trainer_modules = threading.Thread(target=import_trainer_modules, daemon=True)
+    trainer_modules.start()
     resume_from = None
     if cfg.resume:
         cfg, info, resume_from = apply_resume(cfg, overrides)
@@ -131,9 +131,14 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
                                run_id=mlflow_run_id)
         connect(address, cfg, worker_env or {})
         mlflow_run_id = tracking.result()
+    trainer_modules.join()
     runs.write_run_info(run_dir, {"run_name": run_name, "mlflow_run_id": mlflow_run_id, "config": config_dict,
                                   "prepared": prepared})
     marks["ray_and_tracking_ready"] = time.time()
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
 
     hw = cfg.hardware
     events = Queue(actor_options={"num_cpus": 0})
@@ -179,6 +184,11 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FINISHED")
     return TrainResult(run_name, run_dir, mlflow_run_id, metrics, latest_checkpoint(run_dir),
                        first_step - wall_started if first_step else None, startup, wall_started)
+
+
+def import_trainer_modules() -> None:
+    import ray.train.torch  # noqa: F401
+    import ray.util.queue  # noqa: F401
 
 
 def startup_phases(marks: dict[str, float], first_step: float | None) -> dict[str, float]:
