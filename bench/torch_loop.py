@@ -3,7 +3,9 @@
 Run alone it is the plain single-process loop; under `python -m torch.distributed.run --nproc_per_node N`
 it wraps the same model in DistributedDataParallel over gloo. Either way it trains exactly what lmforge
 trains (same HF model, AdamW hyperparameters, LR schedule, clipping and batches) with no DeepSpeed and no
-Ray, and writes rank 0's per-step times to --out as JSON.
+Ray, and writes rank 0's per-step times to --out as JSON. With --deepspeed it instead steps lmforge's own
+DeepSpeed engine (same config as `lmforge train`) under torchrun without Ray, which splits lmforge's gap to
+DDP into DeepSpeed's share and Ray's.
 """
 
 import argparse
@@ -19,13 +21,17 @@ from data.prepared import open_split, open_tokenizer
 from model.gpt import build_model
 from model.objectives import get_objective
 from orchestrator.config import load_config
-from orchestrator.engine import lr_at, param_groups
+from orchestrator.engine import build_engine, lr_at, param_groups
 
 
-def train_steps(cfg, prepared: str, rank: int, world_size: int) -> list[float]:
+def train_steps(cfg, prepared: str, rank: int, world_size: int, use_deepspeed: bool = False) -> list[float]:
     """Seconds per optimizer step, timed like lmforge's StepMeter: batch, forward, backward, update."""
     tr = cfg.trainer
-    model = build_model(cfg.model, open_tokenizer(prepared), cfg.seed)
+    tokenizer = open_tokenizer(prepared)
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    if use_deepspeed:
+        return deepspeed_steps(build_engine(model, cfg, world_size), cfg, prepared, rank, world_size,
+                               tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=(tr.beta1, tr.beta2),
                                   eps=1e-8)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, tr) / tr.lr)
@@ -50,11 +56,28 @@ def train_steps(cfg, prepared: str, rank: int, world_size: int) -> list[float]:
     return times
 
 
+def deepspeed_steps(engine, cfg, prepared: str, rank: int, world_size: int, pad_id: int) -> list[float]:
+    """The same steps through lmforge's per-worker step function, minus Ray."""
+    from orchestrator.worker import train_step
+
+    tr = cfg.trainer
+    objective = get_objective(cfg.objective.name)
+    loader = ResumableLoader(open_split(prepared, "train"), tr.micro_batch_size, rank, world_size, cfg.seed,
+                             cfg.data.shuffle)
+    times = []
+    for _ in range(tr.max_steps):
+        started = time.perf_counter()
+        train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", required=True, help="prepared data directory")
     parser.add_argument("--threads", type=int, required=True, help="torch threads per process")
     parser.add_argument("--out", required=True, help="JSON file for rank 0's step times")
+    parser.add_argument("--deepspeed", action="store_true", help="step lmforge's DeepSpeed engine instead")
     parser.add_argument("overrides", nargs="*", help="the lmforge overrides the bench uses")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,7 +86,7 @@ def main() -> None:
     if world_size > 1:
         dist.init_process_group("gloo")
     cfg = load_config(args.overrides)
-    times = train_steps(cfg, args.prepared, rank, world_size)
+    times = train_steps(cfg, args.prepared, rank, world_size, args.deepspeed)
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"step_times": times, "world_size": world_size, "threads": torch.get_num_threads()}, f)

@@ -2,7 +2,7 @@
 
     python bench/train_bench.py [--steps 100]
 
-All four runs train the same model on the same prepared data for the same number of steps, with the same
+All runs train the same model on the same prepared data for the same number of steps, with the same
 micro batch per process and one torch thread per process. lmforge runs as users run it: `lmforge train`
 in a fresh process with its own embedded Ray cluster, logging every `trainer.log_every` (default 10)
 steps. Step time is compared in the windows lmforge logs: lmforge's `train/step_time_s` is the mean
@@ -30,6 +30,8 @@ THREADS = 1  # Ray gives each 1-CPU worker OMP_NUM_THREADS=1; the baselines are 
 
 
 WINDOW = 10  # lmforge's default trainer.log_every
+# Not a goal row: lmforge's DeepSpeed engine and step under torchrun, no Ray, to split the 2-worker gap.
+DEEPSPEED_ONLY = "DeepSpeed ZeRO-2 under torchrun, no Ray"
 
 
 def workload(steps: int) -> list[str]:
@@ -66,13 +68,14 @@ def run_lmforge(base: list[str], workers: int, scratch: str) -> dict:
             "cold_start": {"total": float(found.group(1))} | phases}
 
 
-def run_torch(base: list[str], prepared: str, nproc: int, scratch: str) -> dict:
-    """bench/torch_loop.py as a plain process (nproc=1) or under torchrun with DDP over gloo."""
+def run_torch(base: list[str], prepared: str, nproc: int, scratch: str, deepspeed: bool = False) -> dict:
+    """bench/torch_loop.py as a plain process (nproc=1) or under torchrun: DDP over gloo, or lmforge's
+    DeepSpeed engine without Ray."""
     out = f"{scratch}/torch-{nproc}.json"
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                                   "--master_port", "29533"] if nproc > 1 else [])
     subprocess.run(launch + [str(BENCH / "torch_loop.py"), "--prepared", prepared, "--threads", str(THREADS),
-                             "--out", out] + base, check=True, env=os.environ | {"OMP_NUM_THREADS": str(THREADS)})
+                             "--out", out] + (["--deepspeed"] if deepspeed else []) + base, check=True, env=os.environ | {"OMP_NUM_THREADS": str(THREADS)})
     times = json.loads(Path(out).read_text())["step_times"]
     return {"windows": [statistics.mean(times[i:i + WINDOW]) for i in range(0, len(times) - WINDOW + 1, WINDOW)]}
 
@@ -133,20 +136,23 @@ def render(args, rows: dict, cold: dict[int, list[dict]], probe: dict, loads: li
              "with its defaults otherwise: embedded Ray cluster, DeepSpeed ZeRO-2, gloo, fp32, MLflow to the "
              f"local SQLite store, metrics every {WINDOW} steps (the default). The baselines are "
              "`bench/torch_loop.py`: the same HF model, AdamW hyperparameters, LR schedule, clipping and "
-             "batches; no DeepSpeed, no Ray. Threads: one torch thread per process everywhere (Ray sets "
+             "batches; no DeepSpeed, no Ray. The row `" + DEEPSPEED_ONLY + "` runs lmforge's own DeepSpeed "
+             "engine and step function under torchrun instead of Ray Train, for diagnosis. Threads: one torch thread per process everywhere (Ray sets "
              "OMP_NUM_THREADS=1 in each 1-CPU worker; the baselines get OMP_NUM_THREADS=1 and "
              f"`torch.set_num_threads(1)`). Step time is the mean over each {WINDOW}-step window (lmforge's own "
              "`train/step_time_s`; the baselines' per-step times averaged the same way), the first window of "
-             f"each run left out; the {args.rounds} rounds run the four configurations one after another and "
+             f"each run left out; the {args.rounds} rounds run the five configurations one after another and "
              "pool their windows. Tokens/s is global, from the median window; the mean is shown too.", "",
              "| run | processes | tokens/s (median) | tokens/s (mean) | ratio (median) | goal >= 0.95 |",
              "|---|---|---|---|---|---|"]
-    pairs = {"lmforge, 1 worker": "plain PyTorch loop", "lmforge, 2 workers": "torchrun DDP"}
+    pairs = {"lmforge, 1 worker": "plain PyTorch loop", "lmforge, 2 workers": "torchrun DDP",
+             DEEPSPEED_ONLY: "torchrun DDP"}
     for name, (procs, tps) in rows.items():
         base = pairs.get(name)
         ratio = tps["median"] / rows[base][1]["median"] if base else None
+        verdict = "" if name == DEEPSPEED_ONLY else ("met" if base and ratio >= 0.95 else "missed")
         lines.append(f"| {name} | {procs} | {tps['median']:,.0f} | {tps['mean']:,.0f} | "
-                     + (f"{ratio:.2f}x {base} | {'met' if ratio >= 0.95 else 'missed'} |" if base else "baseline | |"))
+                     + (f"{ratio:.2f}x {base} | {verdict} |" if base else "baseline | |"))
     lines += ["", "1-minute load average before each run: " + ", ".join(f"{n} {v:.1f}" for n, v in loads)
               + ". Above about 2 on this 2-core machine, other jobs shared the CPUs during that run.", "",
               "### Cold start", "",
@@ -180,7 +186,7 @@ def write_section(path: Path, section: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the four runs, windows pooled")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the five runs, windows pooled")
     parser.add_argument("--root", help="lmforge paths.root (default: a fresh temporary directory)")
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     parser.add_argument("--probe", nargs="+", metavar=("PREPARED", "OVERRIDE"), help=argparse.SUPPRESS)
@@ -202,7 +208,8 @@ def main() -> None:
     params = sum(p.numel() for p in build_model(cfg.model, open_tokenizer(prepared), cfg.seed).parameters())
     per_process = cfg.trainer.micro_batch_size * cfg.data.seq_len
 
-    runs = (("plain PyTorch loop", 1), ("lmforge, 1 worker", 1), ("torchrun DDP", 2), ("lmforge, 2 workers", 2))
+    runs = (("plain PyTorch loop", 1), ("lmforge, 1 worker", 1), ("torchrun DDP", 2),
+            (DEEPSPEED_ONLY, 2), ("lmforge, 2 workers", 2))
     windows, loads, cold = {name: [] for name, _ in runs}, [], {}
     for round_ in range(args.rounds):
         for name, procs in runs:
@@ -212,7 +219,7 @@ def main() -> None:
                 out = run_lmforge(base, procs, scratch)
                 cold.setdefault(procs, []).append(out["cold_start"])
             else:
-                out = run_torch(base, prepared, procs, scratch)
+                out = run_torch(base, prepared, procs, scratch, deepspeed=name == DEEPSPEED_ONLY)
             windows[name] += out["windows"][1:]  # the first window holds the warm-up steps
     rows = {name: (procs, tokens_per_second(windows[name], per_process * procs)) for name, procs in runs}
     for name, (_, tps) in rows.items():

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,36 @@ class Restored:
 
 def dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
+
+
+STAGING_PREFIX = "lmforge-ckpt-"
+
+
+def staging_dir() -> tempfile.TemporaryDirectory:
+    """Local directory a rank saves into before Ray persists it; named by pid so orphans can be found."""
+    return tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+
+
+def remove_orphaned_staging(root: str | None = None) -> list[str]:
+    """A rank killed mid-save (the failures lmforge recovers from) leaves its staging directory, a
+    checkpoint-sized copy, behind; remove those whose process is gone. Returns what was removed."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def rng_state() -> dict:

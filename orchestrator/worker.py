@@ -1,7 +1,6 @@
 """The per-worker training loop that Ray Train runs on every rank."""
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ def train_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     tr = cfg.trainer
+    checkpoint.remove_orphaned_staging()
 
     tokenizer = open_tokenizer(loop_config["prepared"])
     model = build_model(cfg.model, tokenizer, cfg.seed)
@@ -145,7 +145,7 @@ def publish(rank: int, tracker, progress, metrics: dict, step: int) -> None:
 def save_and_report(engine, step: int, rank: int, world_size: int, loader: ResumableLoader, metrics: dict,
                     cfg, tracker, run_dir: str, tokenizer) -> None:
     """Every rank saves and reports its shards; Ray persists them all into one checkpoint directory."""
-    with tempfile.TemporaryDirectory(prefix="lmforge-ckpt-") as local:
+    with checkpoint.staging_dir() as local:
         checkpoint.save_shards(engine, Path(local), step, rank, world_size, loader.state_dict(), metrics,
                                to_dict(cfg), tokenizer)
         ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(local),
