@@ -45,7 +45,8 @@ STAGING_PREFIX = "lmforge-ckpt-"
 
 
 def staging_dir() -> tempfile.TemporaryDirectory:
-    """Local directory a rank saves into before Ray persists it; named by pid so orphans can be found."""
+    """Local directory a rank saves into before Ray persists it, or converts a checkpoint in when resharding;
+    named by pid so orphans can be found."""
     return tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
 
 
@@ -172,7 +173,7 @@ def restore(engine, checkpoint_dir: Path, rank: int, reshard: bool = False) -> R
     marker = json.loads((checkpoint_dir / MARKER).read_text())
     check_safe_to_load(checkpoint_dir)
     if reshard:
-        with tempfile.TemporaryDirectory(prefix="lmforge-universal-") as tmp:
+        with staging_dir() as tmp:
             to_universal(checkpoint_dir / DS_TAG, Path(tmp) / UNIVERSAL_TAG)
             engine.load_checkpoint(tmp, tag=UNIVERSAL_TAG, load_optimizer_states=True,
                                    load_lr_scheduler_states=True)
