@@ -29,21 +29,30 @@ def train_steps(cfg, prepared: str, rank: int, world_size: int, use_deepspeed: b
     tr = cfg.trainer
     tokenizer = open_tokenizer(prepared)
     model = build_model(cfg.model, tokenizer, cfg.seed)
+    objective = get_objective(cfg.objective.name)
+    loader = ResumableLoader(open_split(prepared, "train"), tr.micro_batch_size, rank, world_size, cfg.seed,
+                             cfg.data.shuffle)
     if use_deepspeed:
-        return deepspeed_steps(build_engine(model, cfg, world_size), cfg, prepared, rank, world_size,
-                               tokenizer.pad_token_id)
+        step = deepspeed_step(build_engine(model, cfg, world_size), loader, objective, tr, tokenizer.pad_token_id)
+    else:
+        step = torch_step(model, loader, objective, tr, world_size)
+    times = []
+    for _ in range(tr.max_steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def torch_step(model, loader: ResumableLoader, objective, tr, world_size: int):
     optimizer = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=(tr.beta1, tr.beta2),
                                   eps=1e-8)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, tr) / tr.lr)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    objective = get_objective(cfg.objective.name)
-    loader = ResumableLoader(open_split(prepared, "train"), tr.micro_batch_size, rank, world_size, cfg.seed,
-                             cfg.data.shuffle)
     model.train()
-    times = []
-    for _ in range(tr.max_steps):
-        started = time.perf_counter()
+
+    def step() -> None:
         loss = objective.loss(model, objective.collate(loader.next_batch()))
         loss.backward()
         if tr.grad_clip:
@@ -52,24 +61,15 @@ def train_steps(cfg, prepared: str, rank: int, world_size: int, use_deepspeed: b
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
-        times.append(time.perf_counter() - started)
-    return times
+
+    return step
 
 
-def deepspeed_steps(engine, cfg, prepared: str, rank: int, world_size: int, pad_id: int) -> list[float]:
-    """The same steps through lmforge's per-worker step function, minus Ray."""
+def deepspeed_step(engine, loader: ResumableLoader, objective, tr, pad_id: int):
+    """lmforge's own per-worker step function, minus Ray."""
     from orchestrator.worker import train_step
 
-    tr = cfg.trainer
-    objective = get_objective(cfg.objective.name)
-    loader = ResumableLoader(open_split(prepared, "train"), tr.micro_batch_size, rank, world_size, cfg.seed,
-                             cfg.data.shuffle)
-    times = []
-    for _ in range(tr.max_steps):
-        started = time.perf_counter()
-        train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
-        times.append(time.perf_counter() - started)
-    return times
+    return lambda: train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
 
 
 def main() -> None:
