@@ -1,6 +1,8 @@
 """DeepSpeed set-up: the DeepSpeed config is derived from the lmforge config, the single source of truth."""
 
+import importlib
 import math
+import sys
 
 import torch
 
@@ -66,10 +68,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def import_deepspeed():
+    """`import deepspeed`, without the MLflow import its autotuner does when MLflow is installed.
+
+    That import (pandas, scipy, fastapi, sqlparse) costs each worker about 1.3 s of CPU at start-up, while
+    the other workers and Ray's actors start on the same cores. lmforge never runs DeepSpeed's autotuner, and
+    rank 0 imports MLflow for its own tracker later, on its tracking thread. MLflow is hidden only while
+    DeepSpeed first loads, and only if it is not imported yet: a worker builds its engine before it starts
+    anything that imports MLflow, so no other thread's import can fall into that window.
+    """
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        return importlib.import_module("deepspeed")
+    sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError, which DeepSpeed handles
+    try:
+        return importlib.import_module("deepspeed")
+    finally:
+        if sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+
+
 def build_engine(model: torch.nn.Module, cfg: LmforgeConfig, world_size: int, load_universal: bool = False):
     """Wrap `model` in a DeepSpeed engine with AdamW and the warmup/decay schedule from the config."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     if cfg.hardware.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tr = cfg.trainer
