@@ -95,7 +95,8 @@ def probe_worker_setup(prepared: str, overrides: list[str]) -> None:
 
     from model.gpt import build_model
     lap("import transformers")
-    import deepspeed  # noqa: F401
+    from orchestrator.engine import import_deepspeed
+    import_deepspeed()
     lap("import deepspeed")
     import orchestrator.worker  # noqa: F401  (ray.train and the rest of lmforge)
     from data.prepared import open_tokenizer

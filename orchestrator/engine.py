@@ -1,5 +1,6 @@
 """DeepSpeed set-up: the DeepSpeed config is derived from the lmforge config, the single source of truth."""
 
+import functools
 import importlib
 import math
 import sys
@@ -69,22 +70,53 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def import_deepspeed():
-    """`import deepspeed`, without the MLflow import its autotuner does when MLflow is installed.
+    """`import deepspeed`, minus two imports that cost each worker about 2.5 s of CPU at start-up and that
+    lmforge never uses, while the other workers and Ray's actors start on the same cores.
 
-    That import (pandas, scipy, fastapi, sqlparse) costs each worker about 1.3 s of CPU at start-up, while
-    the other workers and Ray's actors start on the same cores. lmforge never runs DeepSpeed's autotuner, and
-    rank 0 imports MLflow for its own tracker later, on its tracking thread. MLflow is hidden only while
-    DeepSpeed first loads, and only if it is not imported yet: a worker builds its engine before it starts
-    anything that imports MLflow, so no other thread's import can fall into that window.
+    - DeepSpeed's autotuner imports MLflow (pandas, scipy, fastapi) when it is installed. MLflow is hidden
+      while DeepSpeed loads, if nothing has imported it yet; a worker builds its engine before it starts
+      anything that imports MLflow (rank 0's tracker), so no other thread's import can fall into that window.
+    - `deepspeed.initialize` imports its Muon optimizer only to ask whether ours is one, and that module
+      applies `torch.compile` at import, which loads Inductor. It is imported here with compilation deferred
+      to the first call of each function, which lmforge's AdamW never makes.
     """
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        return importlib.import_module("deepspeed")
-    sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError, which DeepSpeed handles
+        deepspeed = importlib.import_module("deepspeed")
+    else:
+        sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError, which DeepSpeed handles
+        try:
+            deepspeed = importlib.import_module("deepspeed")
+        finally:
+            if sys.modules.get("mlflow", 0) is None:
+                del sys.modules["mlflow"]
+    _import_with_deferred_compile("deepspeed.runtime.zero.muon.muon_optimizer")
+    return deepspeed
+
+
+def _import_with_deferred_compile(module: str) -> None:
+    if module in sys.modules:
+        return
+    compile_now = torch.compile
+
+    def compile_later(fn=None, **options):
+        if fn is None:  # used as @torch.compile(...)
+            return lambda f: compile_later(f, **options)
+        compiled = None
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            compiled = compiled or compile_now(fn, **options)
+            return compiled(*args, **kwargs)
+        return call
+
+    torch.compile = compile_later
     try:
-        return importlib.import_module("deepspeed")
+        importlib.import_module(module)
+    except ImportError:  # an older or newer DeepSpeed without it
+        pass
     finally:
-        if sys.modules.get("mlflow", 0) is None:
-            del sys.modules["mlflow"]
+        torch.compile = compile_now
 
 
 def build_engine(model: torch.nn.Module, cfg: LmforgeConfig, world_size: int, load_universal: bool = False):

@@ -1,9 +1,16 @@
 """The DeepSpeed config is derived from the lmforge config, and the LR schedule has the promised shape."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from orchestrator.config import load_config
 from orchestrator.engine import deepspeed_config, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_deepspeed_config_follows_lmforge_config():
@@ -37,3 +44,45 @@ def test_lr_warms_up_then_decays_to_min(schedule):
     assert lrs[100] == pytest.approx(1e-4)
     mid = lrs[55]
     assert mid == pytest.approx(5.5e-4, rel=0.01)
+
+
+def run_python(code: str, cwd=None) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(cwd or ROOT)])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_workers_load_deepspeed_without_mlflow_or_inductor():
+    # In a fresh process, as a Ray worker starts: what deepspeed.initialize imports is already loaded, and
+    # neither MLflow nor Inductor came with it; MLflow still imports normally afterwards.
+    out = run_python(
+        "import sys\n"
+        "from orchestrator.engine import import_deepspeed\n"
+        "import_deepspeed()\n"
+        "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam\n"
+        "print('mlflow' in sys.modules, 'torch._inductor.compile_fx' in sys.modules)\n"
+        "import mlflow\n"
+        "print(mlflow.MlflowClient.__name__)\n")
+    assert out.split()[-3:] == ["False", "False", "MlflowClient"]  # after DeepSpeed's own banner
+
+
+def test_deferred_compile_still_compiles_on_first_call(tmp_path):
+    (tmp_path / "compiled_at_import.py").write_text(
+        "import torch\n\n"
+        "@torch.compile(backend='eager')\n"
+        "def add_one(x):\n    return x + 1\n\n"
+        "def twice(x):\n    return 2 * x\n\n"
+        "twice = torch.compile(twice, backend='eager')\n")
+    out = run_python(
+        "import sys, torch\n"
+        "from orchestrator.engine import _import_with_deferred_compile\n"
+        "_import_with_deferred_compile('compiled_at_import')\n"
+        "import compiled_at_import as m\n"
+        "print(torch.compile.__module__, hasattr(m.add_one, '_torchdynamo_orig_callable'))\n"
+        "print(m.add_one(torch.ones(2)).tolist(), m.twice(torch.ones(2)).tolist(), m.add_one.__name__, "
+        "torch._dynamo.utils.counters['frames']['ok'])\n",
+        cwd=tmp_path)
+    restored_and_not_compiled_yet, first_calls = out.splitlines()
+    assert restored_and_not_compiled_yet == "torch False"
+    assert first_calls == "[2.0, 2.0] [2.0, 2.0] add_one 2"  # both went through dynamo
