@@ -3,6 +3,7 @@
 import functools
 import importlib
 import math
+import os
 import sys
 
 import torch
@@ -119,9 +120,23 @@ def _import_with_deferred_compile(module: str) -> None:
         torch.compile = compile_now
 
 
+def use_own_ninja() -> None:
+    """Put this environment's `ninja` first on PATH for the ops DeepSpeed builds on first use.
+
+    DeepSpeed installs the `ninja` package, but which ninja runs depends on whether the venv is activated,
+    and a machine may have a system ninja of another version. Each version takes the other's build log for
+    stale and rebuilds the op from scratch (about 35 s on 2 cores) whenever the two alternate.
+    """
+    own = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(own, "ninja")) and path.split(os.pathsep)[0] != own:
+        os.environ["PATH"] = own + os.pathsep + path
+
+
 def build_engine(model: torch.nn.Module, cfg: LmforgeConfig, world_size: int, load_universal: bool = False):
     """Wrap `model` in a DeepSpeed engine with AdamW and the warmup/decay schedule from the config."""
     deepspeed = import_deepspeed()
+    use_own_ninja()
     if cfg.hardware.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tr = cfg.trainer

@@ -1,6 +1,7 @@
 """The DeepSpeed config is derived from the lmforge config, and the LR schedule has the promised shape."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.engine import deepspeed_config, lr_at
+from orchestrator.engine import deepspeed_config, lr_at, use_own_ninja
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,3 +87,14 @@ def test_deferred_compile_still_compiles_on_first_call(tmp_path):
     restored_and_not_compiled_yet, first_calls = out.splitlines()
     assert restored_and_not_compiled_yet == "torch False"
     assert first_calls == "[2.0, 2.0] [2.0, 2.0] add_one 2"  # both went through dynamo
+
+
+def test_deepspeed_builds_its_ops_with_this_environments_ninja(monkeypatch):
+    own = Path(sys.executable).parent / "ninja"
+    if not own.exists():
+        pytest.skip("no ninja next to this Python")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as when the venv is not activated
+    use_own_ninja()
+    use_own_ninja()
+    assert shutil.which("ninja") == str(own)
+    assert os.environ["PATH"].split(os.pathsep).count(str(own.parent)) == 1
