@@ -230,13 +230,18 @@ def tokenize(chunks: list, tokenizer_json: str, engine: str):
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled
     ctx.execution_options.preserve_order = True  # the order decides which duplicate and which block is first
     # Per-operator resource reservation is for multi-stage pipelines; with this single map stage it only
     # keeps tasks waiting, which halved tokenize throughput on a 2-CPU cluster.
     ctx.op_resource_reservation_enabled = False
-    ds = ray.data.from_arrow_refs(chunks).map_batches(
-        tokenize_table, batch_format="pyarrow", batch_size=None, fn_kwargs={"tokenizer_json": tokenizer_json},
-        num_cpus=1)
+    try:
+        ds = ray.data.from_arrow_refs(chunks).map_batches(
+            tokenize_table, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"tokenizer_json": tokenizer_json}, num_cpus=1)
+    finally:
+        # The dataset keeps its own copy of the context; the caller's Ray Data work keeps its settings.
+        ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled = saved
     return map(from_table, ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4))
 
 

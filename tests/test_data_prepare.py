@@ -182,8 +182,12 @@ def ray_cluster():
 
 
 def test_ray_data_engine_matches_local_engine(tmp_path, ray_cluster):
+    import ray.data
+
     import data.pipeline
 
+    context = ray.data.DataContext.get_current()
+    settings = (context.execution_options.preserve_order, context.op_resource_reservation_enabled)
     docs = make_docs(400, words=200)
     (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     original = data.pipeline.CHUNK_CHARS
@@ -195,6 +199,8 @@ def test_ray_data_engine_matches_local_engine(tmp_path, ray_cluster):
         data.pipeline.CHUNK_CHARS = original
     assert read_meta(ray_out)["engine"] == "ray"
     assert read_meta(local)["splits"] == read_meta(ray_out)["splits"], "same shards, same checksums"
+    assert (context.execution_options.preserve_order, context.op_resource_reservation_enabled) == settings, \
+        "the driver's own Ray Data settings are left as they were"
 
 
 def test_given_tokenizer_is_applied_while_reading_with_identical_output(tmp_path, ray_cluster, monkeypatch):
