@@ -128,7 +128,8 @@ def machine() -> str:
             f"(`lscpu` model name), no GPU; Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def render(args, rows: dict, cold: dict[int, list[dict]], probe: dict, loads: list, params: int) -> str:
+def render(args, rows: dict, per_round: dict, cold: dict[int, list[dict]], probe: dict, loads: list,
+           params: int) -> str:
     lines = [f"## {SECTION}", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M')} with `python bench/train_bench.py --steps {args.steps} "
              f"--rounds {args.rounds}` on {machine()}.", "",
@@ -143,17 +144,21 @@ def render(args, rows: dict, cold: dict[int, list[dict]], probe: dict, loads: li
              f"`torch.set_num_threads(1)`). Step time is the mean over each {WINDOW}-step window (lmforge's own "
              "`train/step_time_s`; the baselines' per-step times averaged the same way), the first window of "
              f"each run left out; the {args.rounds} rounds run the five configurations one after another and "
-             "pool their windows. Tokens/s is global, from the median window; the mean is shown too.", "",
-             "| run | processes | tokens/s (median) | tokens/s (mean) | ratio (median) | goal >= 0.95 |",
-             "|---|---|---|---|---|---|"]
+             "pool their windows. Tokens/s is global, from the median window; the mean is shown too. The "
+             "last column gives the ratio within each round alone (median windows), to show the spread.", "",
+             "| run | processes | tokens/s (median) | tokens/s (mean) | ratio (median) | goal >= 0.95 | "
+             "ratio by round |",
+             "|---|---|---|---|---|---|---|"]
     pairs = {"lmforge, 1 worker": "plain PyTorch loop", "lmforge, 2 workers": "torchrun DDP",
              DEEPSPEED_ONLY: "torchrun DDP"}
     for name, (procs, tps) in rows.items():
         base = pairs.get(name)
         ratio = tps["median"] / rows[base][1]["median"] if base else None
         verdict = "" if name == DEEPSPEED_ONLY else ("met" if base and ratio >= 0.95 else "missed")
+        by_round = ", ".join(f"{mine / theirs:.2f}" for mine, theirs in zip(per_round[name], per_round[base])) \
+            if base else ""
         lines.append(f"| {name} | {procs} | {tps['median']:,.0f} | {tps['mean']:,.0f} | "
-                     + (f"{ratio:.2f}x {base} | {verdict} |" if base else "baseline | |"))
+                     + (f"{ratio:.2f}x {base} | {verdict} | {by_round} |" if base else "baseline | | |"))
     lines += ["", "1-minute load average before each run: " + ", ".join(f"{n} {v:.1f}" for n, v in loads)
               + ". Above about 2 on this 2-core machine, other jobs shared the CPUs during that run.", "",
               "### Cold start", "",
@@ -212,6 +217,7 @@ def main() -> None:
     runs = (("plain PyTorch loop", 1), ("lmforge, 1 worker", 1), ("torchrun DDP", 2),
             (DEEPSPEED_ONLY, 2), ("lmforge, 2 workers", 2))
     windows, loads, cold = {name: [] for name, _ in runs}, [], {}
+    per_round = {name: [] for name, _ in runs}  # median-window tokens/s of each round
     for round_ in range(args.rounds):
         for name, procs in runs:
             loads.append((f"{name} (round {round_ + 1})", os.getloadavg()[0]))
@@ -222,6 +228,7 @@ def main() -> None:
             else:
                 out = run_torch(base, prepared, procs, scratch, deepspeed=name == DEEPSPEED_ONLY)
             windows[name] += out["windows"][1:]  # the first window holds the warm-up steps
+            per_round[name].append(per_process * procs / statistics.median(out["windows"][1:]))
     rows = {name: (procs, tokens_per_second(windows[name], per_process * procs)) for name, procs in runs}
     for name, (_, tps) in rows.items():
         print(f"bench: {name}: {tps['median']:,.0f} tokens/s", flush=True)
@@ -229,7 +236,7 @@ def main() -> None:
     probe = json.loads(subprocess.run([sys.executable, __file__, "--probe", prepared] + base, check=True,
                                       capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
                        .stdout.strip().splitlines()[-1])
-    section = render(args, rows, cold, probe, loads, params)
+    section = render(args, rows, per_round, cold, probe, loads, params)
     write_section(args.results, section)
     print(section)
 
