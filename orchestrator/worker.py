@@ -17,7 +17,7 @@ from orchestrator.config import from_dict, to_dict
 from orchestrator.engine import build_engine
 from orchestrator.metrics import StepMeter
 from orchestrator.quiet import silence_loggers
-from orchestrator.tracking import RunTracker
+from orchestrator.tracker import RunTracker
 
 
 def train_loop(loop_config: dict) -> None:

@@ -14,16 +14,10 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.errors import LmforgeError
+from orchestrator.redact import REDACTED, is_secret_key, redact_value
 from orchestrator.schema import TrackingConfig
-from orchestrator.tracking import (
-    REDACTED,
-    RunTracker,
-    finish_run,
-    is_secret_key,
-    redact_value,
-    start_run,
-    tracking_uri,
-)
+from orchestrator.tracker import RunTracker
+from orchestrator.tracking import finish_run, start_run, tracking_uri
 
 HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 
