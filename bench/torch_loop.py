@@ -69,7 +69,8 @@ def deepspeed_step(engine, loader: ResumableLoader, objective, tr, pad_id: int):
     """lmforge's own per-worker step function, minus Ray."""
     from orchestrator.worker import train_step
 
-    return lambda: train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
+    # .item() as the plain loop does: each timed step ends when the device has finished it.
+    return lambda: train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id).item()
 
 
 def main() -> None:

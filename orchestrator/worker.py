@@ -63,22 +63,28 @@ def train_loop(loop_config: dict) -> None:
     last, first_step = {}, True
     while step < tr.max_steps:
         meter.start()
-        loss = train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
-        meter.stop()
+        loss_sum = train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
         step += 1
+        log_due = step % tr.log_every == 0 or step == tr.max_steps
+        eval_due = (tr.eval_every and step % tr.eval_every == 0) or step == tr.max_steps
+        save_due = step % cfg.checkpoint.every == 0 or step == tr.max_steps
+        if log_due or eval_due or save_due or first_step:
+            # Reading the loss waits for the device to finish the step, so only steps that report anything
+            # do it: a GPU is never left idle while the host catches up. The meter stops after the read,
+            # so a window's step times still add up to the device's time.
+            last = {"train/loss": mean_over_ranks(loss_sum, tr.gradient_accumulation_steps),
+                    "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm(engine)}
+        meter.stop()
         if rank == 0 and progress is not None and first_step:
             progress.put({"event": "first_step", "time": time.time(), "startup": startup})
         first_step = False
-        last = {"train/loss": loss, "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm(engine)}
-        log_due = step % tr.log_every == 0 or step == tr.max_steps
-        eval_due = (tr.eval_every and step % tr.eval_every == 0) or step == tr.max_steps
         if log_due:
             last |= {f"train/{k}": v for k, v in meter.read().items()}
         if eval_due:
             last |= evaluate(engine, objective, loop_config["prepared"], cfg, rank, world_size, pad_id)
         if log_due or eval_due:
             publish(rank, tracker, progress, last, step)
-        if step % cfg.checkpoint.every == 0 or step == tr.max_steps:
+        if save_due:
             save_and_report(engine, step, rank, world_size, loader, last, cfg, tracker, loop_config["run_dir"],
                             tokenizer)
     if tracker is not None:
@@ -96,15 +102,22 @@ def restore_source(loop_config: dict) -> str | None:
     return latest
 
 
-def train_step(engine, loader: ResumableLoader, objective, accumulation: int, pad_id: int) -> float:
-    """One optimizer step over `accumulation` micro-batches; returns the loss averaged over all ranks."""
+def train_step(engine, loader: ResumableLoader, objective, accumulation: int, pad_id: int) -> torch.Tensor:
+    """One optimizer step over `accumulation` micro-batches; returns this rank's summed loss, still on the
+    device and unsynchronized (see mean_over_ranks)."""
     engine.train()
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for _ in range(accumulation):
         loss = objective.loss(engine, next_batch(loader, objective, pad_id, engine.device))
         engine.backward(loss)
         engine.step()
-        total += loss.detach().double().cpu()
+        total += loss.detach().double()
+    return total
+
+
+def mean_over_ranks(loss_sum: torch.Tensor, accumulation: int) -> float:
+    """The step's loss averaged over micro-batches and ranks; a collective, so every rank must call it."""
+    total = loss_sum.clone()
     dist.all_reduce(total)
     return total.item() / (accumulation * dist.get_world_size())
 
