@@ -6,6 +6,11 @@ trains (same HF model, AdamW hyperparameters, LR schedule, clipping and batches)
 Ray, and writes rank 0's per-step times to --out as JSON. With --deepspeed it instead steps lmforge's own
 DeepSpeed engine (same config as `lmforge train`) under torchrun without Ray, which splits lmforge's gap to
 DDP into DeepSpeed's share and Ray's.
+
+With `hardware.use_gpu=true` both run on the rank's GPU. The plain loop then does what a careful user of
+plain PyTorch would: bf16 autocast over fp32 weights (for `hardware.precision=bf16`) and fused AdamW.
+Like lmforge, both loops read the loss (and so wait for the device) only at the end of each logging
+window; a step's time is when the host finished it, so only whole windows are meaningful.
 """
 
 import argparse
@@ -24,7 +29,8 @@ from orchestrator.config import load_config
 from orchestrator.engine import build_engine, lr_at, param_groups
 
 
-def train_steps(cfg, prepared: str, rank: int, world_size: int, use_deepspeed: bool = False) -> list[float]:
+def train_steps(cfg, prepared: str, rank: int, world_size: int, device: torch.device,
+                use_deepspeed: bool = False) -> list[float]:
     """Seconds per optimizer step, timed like lmforge's StepMeter: batch, forward, backward, update."""
     tr = cfg.trainer
     tokenizer = open_tokenizer(prepared)
@@ -35,32 +41,41 @@ def train_steps(cfg, prepared: str, rank: int, world_size: int, use_deepspeed: b
     if use_deepspeed:
         step = deepspeed_step(build_engine(model, cfg, world_size), loader, objective, tr, tokenizer.pad_token_id)
     else:
-        step = torch_step(model, loader, objective, tr, world_size)
+        step = torch_step(model.to(device), loader, objective, tr, world_size, device, cfg.hardware.precision)
     times = []
-    for _ in range(tr.max_steps):
+    for i in range(tr.max_steps):
         started = time.perf_counter()
-        step()
+        loss = step()
+        if (i + 1) % tr.log_every == 0 or i + 1 == tr.max_steps:
+            loss.item()
         times.append(time.perf_counter() - started)
     return times
 
 
-def torch_step(model, loader: ResumableLoader, objective, tr, world_size: int):
+def torch_step(model, loader: ResumableLoader, objective, tr, world_size: int, device: torch.device,
+               precision: str):
     optimizer = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr, betas=(tr.beta1, tr.beta2),
-                                  eps=1e-8)
+                                  eps=1e-8, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, tr) / tr.lr)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     model.train()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
-    def step() -> None:
-        loss = objective.loss(model, objective.collate(loader.next_batch()))
-        loss.backward()
+    def step() -> torch.Tensor:
+        batch = {k: v.to(device, non_blocking=True) for k, v in objective.collate(loader.next_batch()).items()}
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = objective.loss(model, batch)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         if tr.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        return loss.detach()
 
     return step
 
@@ -69,8 +84,7 @@ def deepspeed_step(engine, loader: ResumableLoader, objective, tr, pad_id: int):
     """lmforge's own per-worker step function, minus Ray."""
     from orchestrator.worker import train_step
 
-    # .item() as the plain loop does: each timed step ends when the device has finished it.
-    return lambda: train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id).item()
+    return lambda: train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
 
 
 def main() -> None:
@@ -82,16 +96,23 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="the lmforge overrides the bench uses")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world_size > 1:
-        dist.init_process_group("gloo")
     cfg = load_config(args.overrides)
-    times = train_steps(cfg, args.prepared, rank, world_size, args.deepspeed)
+    # Alone (no torchrun) the DeepSpeed engine still wants a process group: a group of one.
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29534"}.items():
+        os.environ.setdefault(key, value)
+    world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    device = torch.device("cpu")
+    if cfg.hardware.use_gpu:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if world_size > 1 or args.deepspeed:
+        dist.init_process_group(cfg.hardware.backend)
+    times = train_steps(cfg, args.prepared, rank, world_size, device, args.deepspeed)
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"step_times": times, "world_size": world_size, "threads": torch.get_num_threads()}, f)
-    if world_size > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

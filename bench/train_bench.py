@@ -68,14 +68,16 @@ def run_lmforge(base: list[str], workers: int, scratch: str) -> dict:
             "cold_start": {"total": float(found.group(1))} | phases}
 
 
-def run_torch(base: list[str], prepared: str, nproc: int, scratch: str, deepspeed: bool = False) -> dict:
-    """bench/torch_loop.py as a plain process (nproc=1) or under torchrun: DDP over gloo, or lmforge's
-    DeepSpeed engine without Ray."""
+def run_torch(base: list[str], prepared: str, nproc: int, scratch: str, deepspeed: bool = False,
+              threads: int = THREADS) -> dict:
+    """bench/torch_loop.py as a plain process (nproc=1) or under torchrun: DDP, or lmforge's DeepSpeed engine
+    without Ray."""
     out = f"{scratch}/torch-{nproc}.json"
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                                   "--master_port", "29533"] if nproc > 1 else [])
-    subprocess.run(launch + [str(BENCH / "torch_loop.py"), "--prepared", prepared, "--threads", str(THREADS),
-                             "--out", out] + (["--deepspeed"] if deepspeed else []) + base, check=True, env=os.environ | {"OMP_NUM_THREADS": str(THREADS)})
+    subprocess.run(launch + [str(BENCH / "torch_loop.py"), "--prepared", prepared, "--threads", str(threads),
+                             "--out", out] + (["--deepspeed"] if deepspeed else []) + base, check=True,
+                   env=os.environ | {"OMP_NUM_THREADS": str(threads)})
     times = json.loads(Path(out).read_text())["step_times"]
     return {"windows": [statistics.mean(times[i:i + WINDOW]) for i in range(0, len(times) - WINDOW + 1, WINDOW)]}
 
@@ -178,10 +180,10 @@ def render(args, rows: dict, per_round: dict, cold: dict[int, list[dict]], probe
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
+def write_section(path: Path, section: str, title: str = SECTION) -> None:
     """Replace only our section; re-read first, since others add their own sections to this file."""
     text = path.read_text() if path.exists() else "# lmforge benchmarks\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1)
     else:

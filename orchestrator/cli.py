@@ -37,6 +37,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, args.overrides, address=args.address, worker_env=args.worker_env)
     shown = {k: v for k, v in result.metrics.items() if k in ("train/loss", "val/loss", "val/perplexity")}
     print(f"run:         {result.run_name}  ({', '.join(f'{k}={v:.4g}' for k, v in shown.items())})")
+    speed = result.metrics
+    if "train/tokens_per_second" in speed:
+        print(f"speed:       {speed['train/tokens_per_second']:,.0f} tokens/s, {speed['train/step_time_s']:.3f} s/step, "
+              f"MFU {speed['train/mfu']:.1%} (last logged window)")
     print(f"checkpoints: {result.run_dir}")
     if result.checkpoint:
         print(f"latest:      {result.checkpoint}")

@@ -1,4 +1,12 @@
-"""A stand-in tokenizer with just what model builders read: special-token ids and a vocabulary size."""
+"""Model helpers for tests: a stand-in tokenizer, and scoring an exported run with plain transformers."""
+
+import numpy as np
+import torch
+
+from data.prepared import open_split
+from orchestrator.checkpoint import read_marker
+from orchestrator.config import load_config
+from orchestrator.runs import read_run_info
 
 
 class StubTokenizer:
@@ -10,3 +18,21 @@ class StubTokenizer:
 
     def __len__(self):
         return self.vocab_size
+
+
+def exported_val_loss(home, result, tmp_path) -> float:
+    """Export the run, load it with plain transformers, and score the blocks training evaluated on."""
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.export import export
+
+    out = export(result.run_dir, str(tmp_path / "hf"), load_config([f"paths.root={home}"]))
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    cfg = read_marker(result.checkpoint)["config"]
+    batch, n_batches = cfg["trainer"]["micro_batch_size"], cfg["trainer"]["eval_batches"]
+    val = open_split(read_run_info(result.run_dir)["prepared"], "val")
+    blocks = torch.stack([torch.as_tensor(np.asarray(val[i], dtype=np.int64))
+                          for i in range(batch * 2 * n_batches)])
+    with torch.no_grad():
+        return float(np.mean([model(input_ids=b, labels=b).loss.item() for b in blocks.split(batch)]))

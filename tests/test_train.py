@@ -18,10 +18,10 @@ import numpy as np
 import psutil
 import pytest
 import ray
-import torch
 from mlflow.tracking import MlflowClient
+from model_helpers import exported_val_loss
 
-from data.prepared import open_split, prepare_training_data, read_meta
+from data.prepared import prepare_training_data, read_meta
 from orchestrator.checkpoint import FAULT_ENV, is_complete, latest_checkpoint, list_checkpoints, read_marker
 from orchestrator.config import load_config
 from orchestrator.errors import LmforgeError
@@ -167,24 +167,6 @@ def test_crash_before_commit_resumes_from_previous_checkpoint(home, baseline, tm
 
 def test_export_round_trip_gives_training_val_loss(home, baseline, tmp_path):
     assert exported_val_loss(home, baseline, tmp_path) == pytest.approx(baseline.metrics["val/loss"], abs=1e-4)
-
-
-def exported_val_loss(home, result, tmp_path) -> float:
-    """Export the run, load it with plain transformers, and score the blocks training evaluated on."""
-    from transformers import AutoModelForCausalLM
-
-    from orchestrator.export import export
-
-    out = export(result.run_dir, str(tmp_path / "hf"), load_config([f"paths.root={home}"]))
-    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
-    cfg = read_marker(result.checkpoint)["config"]
-    batch, n_batches = cfg["trainer"]["micro_batch_size"], cfg["trainer"]["eval_batches"]
-    val = open_split(read_run_info(result.run_dir)["prepared"], "val")
-    blocks = torch.stack([torch.as_tensor(np.asarray(val[i], dtype=np.int64))
-                          for i in range(batch * 2 * n_batches)])
-    with torch.no_grad():
-        return float(np.mean([model(input_ids=b, labels=b).loss.item() for b in blocks.split(batch)]))
 
 
 def test_resume_on_fewer_workers_continues_from_the_checkpoint(home, baseline):
