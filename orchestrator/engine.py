@@ -4,6 +4,7 @@ import functools
 import importlib
 import math
 import os
+import re
 import sys
 
 import torch
@@ -27,10 +28,7 @@ def deepspeed_config(cfg: LmforgeConfig, world_size: int, load_universal: bool =
         "gradient_accumulation_steps": tr.gradient_accumulation_steps,
         "train_batch_size": tr.micro_batch_size * tr.gradient_accumulation_steps * world_size,
         "gradient_clipping": tr.grad_clip,
-        # torch_adam on CPU: DeepSpeed's CPU FusedAdam is no faster here and JIT-loads for seconds at start-up.
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": tr.lr, "betas": [tr.beta1, tr.beta2], "eps": 1e-8, "weight_decay": tr.weight_decay,
-            "torch_adam": not hw.use_gpu and hw.offload_optimizer == "none"}},
+        "optimizer": {"type": "AdamW", "params": torch_adamw(tr, hw)},
         "zero_optimization": zero,
         "bf16": {"enabled": hw.precision == "bf16"},
         "fp16": {"enabled": hw.precision == "fp16", "initial_scale_power": 16},
@@ -39,6 +37,26 @@ def deepspeed_config(cfg: LmforgeConfig, world_size: int, load_universal: bool =
         "steps_per_print": 10**9,  # lmforge does the logging
         "wall_clock_breakdown": False,
     }
+
+
+def torch_adamw(tr: TrainerConfig, hw: HardwareConfig) -> dict:
+    """AdamW's DeepSpeed params. Unless the optimizer is offloaded (that needs DeepSpeed's CPU Adam), use
+    torch's AdamW rather than DeepSpeed's FusedAdam: torch's fused CUDA kernel is one launch per step as
+    FusedAdam's is, and FusedAdam is a CUDA op each node would first JIT-build with nvcc (a minute at cold
+    start, and nvcc on every GPU node). On CPU, torch's AdamW is as fast and needs no build either."""
+    params = {"lr": tr.lr, "betas": [tr.beta1, tr.beta2], "eps": 1e-8, "weight_decay": tr.weight_decay}
+    if hw.offload_optimizer != "none":
+        return params
+    return params | {"torch_adam": True} | ({"fused": True} if hw.use_gpu else {})
+
+
+def plain_arch_list(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's JIT builder can read it: "major.minor[+PTX]" entries only.
+
+    CUDA images set arch-specific targets such as "9.0a" for Hopper, on which DeepSpeed's builder raises
+    ValueError; its ops use no arch-specific instructions, so they are built for the plain arch instead.
+    """
+    return re.sub(r"(\d+\.\d+)[a-z]+", r"\1", arch_list)
 
 
 def _offload(hw: HardwareConfig, device: str) -> dict:
@@ -137,6 +155,8 @@ def build_engine(model: torch.nn.Module, cfg: LmforgeConfig, world_size: int, lo
     """Wrap `model` in a DeepSpeed engine with AdamW and the warmup/decay schedule from the config."""
     deepspeed = import_deepspeed()
     use_own_ninja()
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = plain_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     if cfg.hardware.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tr = cfg.trainer

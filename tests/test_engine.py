@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.engine import deepspeed_config, lr_at, use_own_ninja
+from orchestrator.engine import deepspeed_config, lr_at, plain_arch_list, use_own_ninja
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,21 @@ def test_deepspeed_config_follows_lmforge_config():
 def test_gpu_precision_reaches_deepspeed():
     ds = deepspeed_config(load_config(["hardware=gpu-8"]), world_size=8)
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+
+
+def test_optimizer_needs_no_jit_built_op_unless_offloaded():
+    gpu = deepspeed_config(load_config(["hardware=gpu-8"]), world_size=8)["optimizer"]["params"]
+    assert gpu["torch_adam"] and gpu["fused"], "torch's fused AdamW kernel, not DeepSpeed's nvcc-built FusedAdam"
+    cpu = deepspeed_config(load_config([]), world_size=2)["optimizer"]["params"]
+    assert cpu["torch_adam"] and "fused" not in cpu
+    offloaded = deepspeed_config(load_config(["hardware=gpu-8", "hardware.offload_optimizer=cpu"]), 8)
+    assert "torch_adam" not in offloaded["optimizer"]["params"], "offload needs DeepSpeed's CPU Adam"
+
+
+def test_arch_specific_cuda_targets_become_plain_for_deepspeeds_builder():
+    assert plain_arch_list("9.0a") == "9.0"
+    assert plain_arch_list("8.0;8.6;9.0a;10.0a+PTX") == "8.0;8.6;9.0;10.0+PTX"
+    assert plain_arch_list("7.5 8.0+PTX") == "7.5 8.0+PTX"
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
