@@ -139,9 +139,10 @@ def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int, 
     batch_size = min(cfg.trainer.micro_batch_size, max(1, len(store) // world_size))
     loader = ResumableLoader(store, batch_size, rank, world_size, cfg.seed, shuffle=False)
     n_batches = max(1, min(cfg.trainer.eval_batches, len(store) // (batch_size * world_size)))
-    total = torch.zeros((), dtype=torch.float64)
+    # On the device: NCCL reduces only GPU tensors.
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for _ in range(n_batches):
-        total += objective.loss(engine, next_batch(loader, objective, pad_id, engine.device)).double().cpu()
+        total += objective.loss(engine, next_batch(loader, objective, pad_id, engine.device)).double()
     dist.all_reduce(total)
     mean = total.item() / (n_batches * world_size)
     return {f"val/{k}": v for k, v in objective.metrics(mean).items()}
