@@ -29,10 +29,13 @@ def exported_val_loss(home, result, tmp_path) -> float:
     out = export(result.run_dir, str(tmp_path / "hf"), load_config([f"paths.root={home}"]))
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
-    cfg = read_marker(result.checkpoint)["config"]
-    batch, n_batches = cfg["trainer"]["micro_batch_size"], cfg["trainer"]["eval_batches"]
+    marker = read_marker(result.checkpoint)
+    world_size, tr = marker["world_size"], marker["config"]["trainer"]
     val = open_split(read_run_info(result.run_dir)["prepared"], "val")
+    # The blocks the workers' evaluate() scored: the same batch size and batch count, over all ranks.
+    batch = min(tr["micro_batch_size"], max(1, len(val) // world_size))
+    n_batches = max(1, min(tr["eval_batches"], len(val) // (batch * world_size)))
     blocks = torch.stack([torch.as_tensor(np.asarray(val[i], dtype=np.int64))
-                          for i in range(batch * 2 * n_batches)])
+                          for i in range(batch * world_size * n_batches)])
     with torch.no_grad():
         return float(np.mean([model(input_ids=b, labels=b).loss.item() for b in blocks.split(batch)]))
