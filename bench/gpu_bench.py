@@ -48,7 +48,9 @@ def run_lmforge(base: list[str], scratch: str, name: str) -> dict:
     if code != 0:
         sys.exit(f"lmforge train failed:\n{text[-3000:]}")
     tokens_per_second = float(re.search(r"speed:\s+([\d,]+) tokens/s", text).group(1).replace(",", ""))
-    first = re.search(r"first step:\s+([\d.]+)s", text)
+    first = re.search(r"first step:\s+([\d.]+)s.*", text)
+    if first:
+        print(f"gpu bench: {first.group(0)}", flush=True)  # with its phases
     return {"tokens_per_second": tokens_per_second, "first_step_s": float(first.group(1)) if first else None}
 
 

@@ -64,7 +64,8 @@ def torch_step(model, loader: ResumableLoader, objective, tr, world_size: int, d
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
     def step() -> torch.Tensor:
-        batch = {k: v.to(device, non_blocking=True) for k, v in objective.collate(loader.next_batch()).items()}
+        batch = {k: (v.pin_memory() if device.type == "cuda" else v).to(device, non_blocking=True)
+                 for k, v in objective.collate(loader.next_batch()).items()}
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = objective.loss(model, batch)
         scaler.scale(loss).backward()

@@ -123,7 +123,12 @@ def mean_over_ranks(loss_sum: torch.Tensor, accumulation: int) -> float:
 
 
 def next_batch(loader: ResumableLoader, objective, pad_id: int, device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in objective.collate(loader.next_batch(), pad_id).items()}
+    batch = objective.collate(loader.next_batch(), pad_id)
+    if torch.device(device).type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    # A copy from pageable memory waits for every kernel already queued, so the host could never run ahead
+    # of the GPU; from pinned memory it is queued like a kernel.
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def grad_norm(engine) -> float:
