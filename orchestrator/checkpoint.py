@@ -144,6 +144,7 @@ def read_marker(path: str) -> dict:
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints under a run directory as (step, uri), oldest first."""
     fs, root = fsspec.core.url_to_fs(run_dir)
+    fs.invalidate_cache(root)  # other processes write here; an object store's cached listing goes stale
     if not fs.exists(root):
         return []
     protocol = run_dir.split("://")[0] + "://" if "://" in run_dir else ""

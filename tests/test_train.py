@@ -20,6 +20,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from model_helpers import exported_val_loss
+from run_helpers import losses, restored_steps
 
 from data.prepared import prepare_training_data, read_meta
 from orchestrator.checkpoint import FAULT_ENV, is_complete, latest_checkpoint, list_checkpoints, read_marker
@@ -73,18 +74,6 @@ def baseline(home):
 def run(home, overrides, worker_env=None):
     cfg = load_config(overrides + [f"paths.root={home}"])
     return train(cfg, overrides + [f"paths.root={home}"], worker_env=worker_env)
-
-
-def losses(home, run_id) -> dict[int, float]:
-    """Per-step training loss; after a restart a step is logged twice and the later value counts."""
-    client = MlflowClient(tracking_uri(load_config([f"paths.root={home}"]).tracking, str(home)))
-    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)
-    return {m.step: m.value for m in history}
-
-
-def restored_steps(home, run_id) -> list[int]:
-    client = MlflowClient(tracking_uri(load_config([f"paths.root={home}"]).tracking, str(home)))
-    return [int(m.value) for m in client.get_metric_history(run_id, "checkpoint/restored_step")]
 
 
 def test_baseline_loss_falls_and_checkpoints_are_complete(home, baseline):

@@ -1,0 +1,20 @@
+"""Reading a training run's per-step history back from its MLflow run."""
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import load_config
+from orchestrator.tracking import tracking_uri
+
+
+def _client(home) -> MlflowClient:
+    return MlflowClient(tracking_uri(load_config([f"paths.root={home}"]).tracking, str(home)))
+
+
+def losses(home, run_id) -> dict[int, float]:
+    """Per-step training loss; after a restart a step is logged twice and the later value counts."""
+    history = sorted(_client(home).get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in history}
+
+
+def restored_steps(home, run_id) -> list[int]:
+    return [int(m.value) for m in _client(home).get_metric_history(run_id, "checkpoint/restored_step")]
