@@ -103,3 +103,10 @@ class ResumableLoader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
             yield self.next_batch()
+
+
+def eval_plan(n_blocks: int, micro_batch_size: int, eval_batches: int, world_size: int) -> tuple[int, int]:
+    """(batch size, batches per rank) for evaluating a split of `n_blocks`: with an unshuffled loader the ranks
+    together score its first batch * batches * world_size blocks; smaller batches when the split is small."""
+    batch_size = min(micro_batch_size, max(1, n_blocks // world_size))
+    return batch_size, max(1, min(eval_batches, n_blocks // (batch_size * world_size)))

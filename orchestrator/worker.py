@@ -8,7 +8,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from data.loader import ResumableLoader
+from data.loader import ResumableLoader, eval_plan
 from data.prepared import open_split, open_tokenizer
 from model.gpt import build_model
 from model.objectives import get_objective
@@ -115,11 +115,12 @@ def train_step(engine, loader: ResumableLoader, objective, accumulation: int, pa
     return total
 
 
-def mean_over_ranks(loss_sum: torch.Tensor, accumulation: int) -> float:
-    """The step's loss averaged over micro-batches and ranks; a collective, so every rank must call it."""
+def mean_over_ranks(loss_sum: torch.Tensor, batches: int) -> float:
+    """A per-rank sum over `batches` batches, averaged over batches and ranks; a collective, so every rank
+    must call it."""
     total = loss_sum.clone()
     dist.all_reduce(total)
-    return total.item() / (accumulation * dist.get_world_size())
+    return total.item() / (batches * dist.get_world_size())
 
 
 def next_batch(loader: ResumableLoader, objective, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -141,16 +142,15 @@ def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int, 
     """Mean validation loss over the same fixed, unshuffled blocks every time, split across ranks."""
     engine.eval()
     store = open_split(prepared, "val")
-    batch_size = min(cfg.trainer.micro_batch_size, max(1, len(store) // world_size))
+    batch_size, n_batches = eval_plan(len(store), cfg.trainer.micro_batch_size, cfg.trainer.eval_batches,
+                                      world_size)
     loader = ResumableLoader(store, batch_size, rank, world_size, cfg.seed, shuffle=False)
-    n_batches = max(1, min(cfg.trainer.eval_batches, len(store) // (batch_size * world_size)))
     # On the device: NCCL reduces only GPU tensors.
     total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for _ in range(n_batches):
         total += objective.loss(engine, next_batch(loader, objective, pad_id, engine.device)).double()
-    dist.all_reduce(total)
-    mean = total.item() / (n_batches * world_size)
-    return {f"val/{k}": v for k, v in objective.metrics(mean).items()}
+    return {f"val/{k}": v for k, v in objective.metrics(mean_over_ranks(total, n_batches)).items()}
+
 
 
 def publish(rank: int, tracker, progress, metrics: dict, step: int) -> None:

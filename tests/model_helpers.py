@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from data.loader import eval_plan
 from data.prepared import open_split
 from orchestrator.checkpoint import read_marker
 from orchestrator.config import load_config
@@ -33,8 +34,7 @@ def exported_val_loss(home, result, tmp_path) -> float:
     world_size, tr = marker["world_size"], marker["config"]["trainer"]
     val = open_split(read_run_info(result.run_dir)["prepared"], "val")
     # The blocks the workers' evaluate() scored: the same batch size and batch count, over all ranks.
-    batch = min(tr["micro_batch_size"], max(1, len(val) // world_size))
-    n_batches = max(1, min(tr["eval_batches"], len(val) // (batch * world_size)))
+    batch, n_batches = eval_plan(len(val), tr["micro_batch_size"], tr["eval_batches"], world_size)
     blocks = torch.stack([torch.as_tensor(np.asarray(val[i], dtype=np.int64))
                           for i in range(batch * world_size * n_batches)])
     with torch.no_grad():
