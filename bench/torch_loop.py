@@ -60,12 +60,13 @@ def torch_step(model, loader: ResumableLoader, objective, tr, world_size: int, d
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     model.train()
+    from orchestrator.worker import next_batch
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
     def step() -> torch.Tensor:
-        batch = {k: (v.pin_memory() if device.type == "cuda" else v).to(device, non_blocking=True)
-                 for k, v in objective.collate(loader.next_batch()).items()}
+        batch = next_batch(loader, objective, None, device)  # the worker's own transfer to the device
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = objective.loss(model, batch)
         scaler.scale(loss).backward()
