@@ -124,6 +124,7 @@ def save_shards(engine, local_dir: Path, step: int, rank: int, world_size: int, 
 def complete_marker(path: str) -> dict | None:
     """The checkpoint's marker if the checkpoint is complete (marker present, every listed file present)."""
     fs, root = fsspec.core.url_to_fs(path)
+    fs.invalidate_cache(root)  # another process may have written here since this one last looked
     if not fs.exists(f"{root}/{MARKER}"):
         return None
     with fs.open(f"{root}/{MARKER}") as f:
