@@ -34,8 +34,9 @@ def home(tmp_path_factory):
 def test_bf16_zero_stage_trains_on_gpu_and_exports(home, tmp_path, stage, offload):
     overrides = RUN + [f"hardware.zero_stage={stage}", f"hardware.offload_optimizer={offload}",
                        f"run_name=gpu-zero{stage}", f"paths.root={home}"]
-    result = train(load_config(overrides), overrides)
-    uniform = math.log(load_config(overrides).data.tokenizer.vocab_size)  # the loss of an untrained model
+    cfg = load_config(overrides)
+    result = train(cfg, overrides)
+    uniform = math.log(cfg.data.tokenizer.vocab_size)  # the loss of an untrained model
     assert result.metrics["train/loss"] < uniform - 1.0, result.metrics
     assert result.metrics["val/loss"] < uniform - 1.0, result.metrics
     assert 0 < result.metrics["train/mfu"] < 1
