@@ -203,10 +203,22 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     startup = startup_phases(marks | metrics.pop("worker_startup", {}), first_step)
     if "error" in outcome:
         finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FAILED")
-        raise LmforgeError(f"training failed: {outcome['error']}") from outcome["error"]
+        raise LmforgeError(f"training failed: {worker_user_error(outcome['error']) or outcome['error']}") \
+            from outcome["error"]
     finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FINISHED")
     return TrainResult(run_name, run_dir, mlflow_run_id, metrics, latest_checkpoint(run_dir),
                        first_step - wall_started if first_step else None, startup, wall_started)
+
+
+def worker_user_error(error: BaseException) -> LmforgeError | None:
+    """The LmforgeError behind a worker failure, whose message says it all, without Ray's traceback around it."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        seen = 0
+        while failure is not None and seen < 8:
+            if isinstance(failure, LmforgeError):
+                return failure
+            failure, seen = getattr(failure, "cause", None) or failure.__cause__, seen + 1
+    return None
 
 
 def trainer_class(embedded: bool):

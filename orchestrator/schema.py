@@ -88,6 +88,9 @@ class TrainerConfig:
     eval_every: int = 100  # 0 evaluates only at the end
     eval_batches: int = 8
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
+    # A step whose gradients hold inf/NaN: false stops the run at the next logged step with a clear error
+    # (no checkpoint is written from it); true has DeepSpeed skip it, at a device sync per step (bf16 only).
+    skip_nonfinite_steps: bool = False
 
     def validate(self, at: str = "trainer") -> None:
         for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every", "eval_batches"):
@@ -161,3 +164,6 @@ class LmforgeConfig:
         require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
                 f"an integer <= model.max_seq_len={self.model.max_seq_len}")
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        require(not self.trainer.skip_nonfinite_steps or self.hardware.precision == "bf16",
+                "trainer.skip_nonfinite_steps", True, "false unless hardware.precision=bf16 (fp16 always skips "
+                "them for its loss scaling; fp32 cannot)")

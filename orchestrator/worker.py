@@ -1,5 +1,6 @@
 """The per-worker training loop that Ray Train runs on every rank."""
 
+import math
 import os
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from model.objectives import get_objective
 from orchestrator import checkpoint
 from orchestrator.config import from_dict, to_dict
 from orchestrator.engine import build_engine
+from orchestrator.errors import NonFiniteTraining
 from orchestrator.metrics import StepMeter
 from orchestrator.quiet import silence_loggers
 from orchestrator.tracker import RunTracker
@@ -74,6 +76,8 @@ def train_loop(loop_config: dict) -> None:
             # so a window's step times still add up to the device's time.
             last = {"train/loss": mean_over_ranks(loss_sum, tr.gradient_accumulation_steps),
                     "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm(engine)}
+            if not engine_skips_nonfinite(cfg):
+                check_finite(last["train/loss"], engine.get_global_grad_norm(), step, loop_config["run_dir"])
         meter.stop()
         if rank == 0 and progress is not None and first_step:
             progress.put({"event": "first_step", "time": time.time(), "startup": startup})
@@ -130,6 +134,27 @@ def next_batch(loader: ResumableLoader, objective, pad_id: int, device) -> dict[
     # A copy from pageable memory waits for every kernel already queued, so the host could never run ahead
     # of the GPU; from pinned memory it is queued like a kernel.
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def engine_skips_nonfinite(cfg) -> bool:
+    """Whether DeepSpeed skips steps with inf/NaN gradients itself (fp16 always does, for loss scaling)."""
+    return cfg.hardware.precision == "fp16" or (cfg.hardware.precision == "bf16" and cfg.trainer.skip_nonfinite_steps)
+
+
+def check_finite(loss: float, norm, step: int, run_dir: str) -> None:
+    """Stop a run whose loss or gradients went inf/NaN, before it checkpoints: the update is already applied,
+    so every later step and checkpoint would inherit it. Every step that saves reads these first. `norm` is
+    None where DeepSpeed computed none (no clipping without ZeRO)."""
+    bad = {"train/loss": loss} | ({"train/grad_norm": float(norm)} if norm is not None else {})
+    bad = {k: v for k, v in bad.items() if not math.isfinite(v)}
+    if bad:
+        latest = checkpoint.latest_checkpoint(run_dir)
+        raise NonFiniteTraining(
+            f"{', '.join(f'{k}={v}' for k, v in bad.items())} by step {step}: training diverged. "
+            + (f"The newest checkpoint, {latest}, predates it; resume from it with a lower trainer.lr or more "
+               "trainer.warmup_steps" if latest else "No checkpoint was written; lower trainer.lr or raise "
+               "trainer.warmup_steps")
+            + ", or set trainer.skip_nonfinite_steps=true (bf16) to have DeepSpeed skip such steps.")
 
 
 def grad_norm(engine) -> float:

@@ -48,6 +48,19 @@ def test_resume_of_unknown_target_is_a_clear_error(tmp_path):
     assert "nope" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_diverged_run_stops_with_a_clear_error_and_no_poisoned_checkpoint(tmp_path):
+    """lr=1e30: step 1 is computed from sane weights and saved, then its update blows them up."""
+    home = tmp_path / "home"
+    out = lmforge("train", "experiment=smoke", "trainer.lr=1e30", "checkpoint.every=1", "trainer.max_failures=0",
+                  env_home=home)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    message = out.stderr.strip().splitlines()[-1]
+    assert re.search(r"train/loss=nan.* by step 2: training diverged", message), message
+    assert "checkpoint_00000001" in message and "trainer.lr" in message, message
+    assert [p.name for p in home.rglob("checkpoint_0*")] == ["checkpoint_00000001"]
+
+
 DASHBOARD_PROBE = """
 import psutil, ray
 from orchestrator.config import load_config

@@ -72,6 +72,7 @@ def test_output_root_follows_env_and_override(lmforge_home, tmp_path):
         ("model.n_embd=65", ["model.n_embd", "multiple of model.n_head"]),
         ("tracking.backend=neptune", ["tracking.backend", "mlflow"]),
         ("checkpoint.keep_last=0", ["checkpoint.keep_last", ">= 1"]),
+        ("trainer.skip_nonfinite_steps=true", ["trainer.skip_nonfinite_steps", "bf16"]),
     ],
 )
 def test_bad_config_names_key_and_allowed_values(override, must_mention):
