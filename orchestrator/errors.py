@@ -9,10 +9,6 @@ class ConfigError(LmforgeError):
     """A config that cannot be composed or fails validation, raised before anything starts."""
 
 
-class NonFiniteTraining(LmforgeError):
-    """The loss or gradient norm became inf/NaN: the run diverged (raised on a worker)."""
-
-
 def require(ok: bool, key: str, value: object, allowed: str) -> None:
     """Raise a ConfigError naming `key`, its bad `value` and what would be accepted."""
     if not ok:

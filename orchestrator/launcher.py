@@ -201,8 +201,11 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     fitter.join()
     first_step = metrics.pop("first_step_at", None)
     startup = startup_phases(marks | metrics.pop("worker_startup", {}), first_step)
-    if "error" in outcome:
+    failed = metrics.pop("failed", None)
+    if "error" in outcome or failed:
         finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FAILED")
+        if failed:
+            raise LmforgeError(f"training failed: {failed}")
         raise LmforgeError(f"training failed: {worker_user_error(outcome['error']) or outcome['error']}") \
             from outcome["error"]
     finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FINISHED")

@@ -30,6 +30,9 @@ def follow(events, worker: threading.Thread) -> dict:
             last.setdefault("first_step_at", event["time"])
             last.setdefault("worker_startup", event["startup"])
             continue
+        if event["event"] == "failed":  # the workers ended the run on purpose; the driver reports why
+            last["failed"] = event["message"]
+            continue
         if event["event"] == "start":
             if bar is None:
                 bar = tqdm(total=event["max_steps"], initial=event["step"], unit="step", file=sys.stderr,

@@ -16,7 +16,7 @@ from model.objectives import get_objective
 from orchestrator import checkpoint
 from orchestrator.config import from_dict, to_dict
 from orchestrator.engine import build_engine
-from orchestrator.errors import NonFiniteTraining
+from orchestrator.errors import LmforgeError
 from orchestrator.metrics import StepMeter
 from orchestrator.quiet import silence_loggers
 from orchestrator.tracker import RunTracker
@@ -62,7 +62,7 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0 and step > 0:
         tracker.log_metrics({"checkpoint/restored_step": step}, step)
 
-    last, first_step = {}, True
+    last, first_step, diverged = {}, True, None
     while step < tr.max_steps:
         meter.start()
         loss_sum = train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
@@ -76,12 +76,15 @@ def train_loop(loop_config: dict) -> None:
             # so a window's step times still add up to the device's time.
             last = {"train/loss": mean_over_ranks(loss_sum, tr.gradient_accumulation_steps),
                     "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm(engine)}
-            if not engine_skips_nonfinite(cfg):
-                check_finite(last["train/loss"], engine.get_global_grad_norm(), step, loop_config["run_dir"])
+            diverged = None if engine_skips_nonfinite(cfg) else divergence(
+                last["train/loss"], engine.get_global_grad_norm(), step, loop_config["run_dir"])
         meter.stop()
         if rank == 0 and progress is not None and first_step:
             progress.put({"event": "first_step", "time": time.time(), "startup": startup})
         first_step = False
+        if diverged:
+            stop_diverged(rank, tracker, progress, last, step, diverged)
+            break
         if log_due:
             last |= {f"train/{k}": v for k, v in meter.read().items()}
         if eval_due:
@@ -141,20 +144,31 @@ def engine_skips_nonfinite(cfg) -> bool:
     return cfg.hardware.precision == "fp16" or (cfg.hardware.precision == "bf16" and cfg.trainer.skip_nonfinite_steps)
 
 
-def check_finite(loss: float, norm, step: int, run_dir: str) -> None:
-    """Stop a run whose loss or gradients went inf/NaN, before it checkpoints: the update is already applied,
-    so every later step and checkpoint would inherit it. Every step that saves reads these first. `norm` is
-    None where DeepSpeed computed none (no clipping without ZeRO)."""
-    bad = {"train/loss": loss} | ({"train/grad_norm": float(norm)} if norm is not None else {})
-    bad = {k: v for k, v in bad.items() if not math.isfinite(v)}
-    if bad:
-        latest = checkpoint.latest_checkpoint(run_dir)
-        raise NonFiniteTraining(
-            f"{', '.join(f'{k}={v}' for k, v in bad.items())} by step {step}: training diverged. "
+def divergence(loss: float, norm, step: int, run_dir: str) -> str | None:
+    """What to tell the user if the loss or gradients went inf/NaN, else None. The update is already applied,
+    so every later step and checkpoint would inherit it; every step that saves checks first. `norm` is None
+    where DeepSpeed computed none (no clipping without ZeRO)."""
+    values = {"train/loss": loss} | ({"train/grad_norm": float(norm)} if norm is not None else {})
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if not bad:
+        return None
+    latest = checkpoint.latest_checkpoint(run_dir)
+    return (f"{', '.join(f'{k}={v}' for k, v in bad.items())} by step {step}: training diverged. "
             + (f"The newest checkpoint, {latest}, predates it; resume from it with a lower trainer.lr or more "
                "trainer.warmup_steps" if latest else "No checkpoint was written; lower trainer.lr or raise "
                "trainer.warmup_steps")
             + ", or set trainer.skip_nonfinite_steps=true (bf16) to have DeepSpeed skip such steps.")
+
+
+def stop_diverged(rank: int, tracker, progress, metrics: dict, step: int, message: str) -> None:
+    """End a diverged run on every rank (each sees the same all-reduced loss and global grad norm). Ending
+    the loop instead of raising keeps Ray Train from restarting a run that would only diverge again; the
+    driver turns the message into the run's error. The bad metrics still reach MLflow."""
+    publish(rank, tracker, progress, metrics, step)
+    if rank == 0:
+        if progress is None:
+            raise LmforgeError(message)
+        progress.put({"event": "failed", "message": message})
 
 
 def grad_norm(engine) -> float:

@@ -18,3 +18,7 @@ def losses(home, run_id) -> dict[int, float]:
 
 def restored_steps(home, run_id) -> list[int]:
     return [int(m.value) for m in _client(home).get_metric_history(run_id, "checkpoint/restored_step")]
+
+
+def run_status(home, run_id) -> str:
+    return _client(home).get_run(run_id).info.status

@@ -1,11 +1,15 @@
 """`lmforge train experiment=smoke` as a user runs it: quiet console, a clear summary, then export works."""
 
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from run_helpers import losses, run_status
+
+from orchestrator.runs import read_run_info
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,17 +52,21 @@ def test_resume_of_unknown_target_is_a_clear_error(tmp_path):
     assert "nope" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_diverged_run_stops_with_a_clear_error_and_no_poisoned_checkpoint(tmp_path):
+def test_diverged_run_stops_at_once_with_a_clear_error_and_no_poisoned_checkpoint(tmp_path):
     """lr=1e30: step 1 is computed from sane weights and saved, then its update blows them up."""
     home = tmp_path / "home"
-    out = lmforge("train", "experiment=smoke", "trainer.lr=1e30", "checkpoint.every=1", "trainer.max_failures=0",
-                  env_home=home)
+    out = lmforge("train", "experiment=smoke", "trainer.lr=1e30", "checkpoint.every=1", env_home=home)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     message = out.stderr.strip().splitlines()[-1]
     assert re.search(r"train/loss=nan.* by step 2: training diverged", message), message
     assert "checkpoint_00000001" in message and "trainer.lr" in message, message
-    assert [p.name for p in home.rglob("checkpoint_0*")] == ["checkpoint_00000001"]
+    assert "restarted" not in out.stderr, "a divergence is not a worker failure: no retries"
+    checkpoints = list(home.rglob("checkpoint_0*"))
+    assert [p.name for p in checkpoints] == ["checkpoint_00000001"]
+    run_id = read_run_info(str(checkpoints[0].parent))["mlflow_run_id"]
+    assert math.isnan(losses(home, run_id)[2]), "the diverged step's metrics reach MLflow"
+    assert run_status(home, run_id) == "FAILED"
 
 
 DASHBOARD_PROBE = """
