@@ -33,7 +33,7 @@ def deepspeed_config(cfg: LmforgeConfig, world_size: int, load_universal: bool =
         "optimizer": {"type": "AdamW", "params": torch_adamw(tr, hw)},
         "zero_optimization": zero,
         # DeepSpeed's bf16 overflow check reads every step's gradients back to the host; lmforge instead
-        # checks the loss and grad norm it reads anyway (worker.check_finite), unless told to skip such steps.
+        # checks the loss and grad norm it reads anyway (worker.divergence), unless told to skip such steps.
         "bf16": {"enabled": hw.precision == "bf16", "check_grad_overflow": tr.skip_nonfinite_steps},
         "fp16": {"enabled": hw.precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,

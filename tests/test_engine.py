@@ -39,7 +39,7 @@ def test_deepspeed_adds_no_device_sync_of_its_own_per_step():
     these three, DeepSpeed's gpt2-124m step went from 0.82x to 1.2x the plain loop on an H100."""
     one_gpu = deepspeed_config(load_config(["hardware=gpu-1", "hardware.zero_stage=2"]), world_size=1)
     assert one_gpu["timers"]["throughput"]["enabled"] is False, "lmforge meters throughput itself"
-    assert one_gpu["bf16"]["check_grad_overflow"] is False, "worker.check_finite stands in for it"
+    assert one_gpu["bf16"]["check_grad_overflow"] is False, "worker.divergence stands in for it"
     assert one_gpu["zero_optimization"]["overlap_comm"] is False, "nothing to overlap on one GPU"
     fleet = deepspeed_config(load_config(["hardware=gpu-8", "trainer.skip_nonfinite_steps=true"]), world_size=8)
     assert fleet["zero_optimization"]["overlap_comm"] is True
