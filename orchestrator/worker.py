@@ -74,10 +74,11 @@ def train_loop(loop_config: dict) -> None:
             # Reading the loss waits for the device to finish the step, so only steps that report anything
             # do it: a GPU is never left idle while the host catches up. The meter stops after the read,
             # so a window's step times still add up to the device's time.
+            norm = engine.get_global_grad_norm()  # None where DeepSpeed computed none
             last = {"train/loss": mean_over_ranks(loss_sum, tr.gradient_accumulation_steps),
-                    "train/lr": engine.get_lr()[0], "train/grad_norm": grad_norm(engine)}
+                    "train/lr": engine.get_lr()[0], "train/grad_norm": float("nan") if norm is None else float(norm)}
             diverged = None if engine_skips_nonfinite(cfg) else divergence(
-                last["train/loss"], engine.get_global_grad_norm(), step, loop_config["run_dir"])
+                last["train/loss"], norm, step, loop_config["run_dir"])
         meter.stop()
         if rank == 0 and progress is not None and first_step:
             progress.put({"event": "first_step", "time": time.time(), "startup": startup})
@@ -140,8 +141,9 @@ def next_batch(loader: ResumableLoader, objective, pad_id: int, device) -> dict[
 
 
 def engine_skips_nonfinite(cfg) -> bool:
-    """Whether DeepSpeed skips steps with inf/NaN gradients itself (fp16 always does, for loss scaling)."""
-    return cfg.hardware.precision == "fp16" or (cfg.hardware.precision == "bf16" and cfg.trainer.skip_nonfinite_steps)
+    """Whether DeepSpeed skips steps with inf/NaN gradients itself: fp16 always does, for loss scaling, and
+    bf16 when asked (the config allows skip_nonfinite_steps with bf16 only)."""
+    return cfg.hardware.precision == "fp16" or cfg.trainer.skip_nonfinite_steps
 
 
 def divergence(loss: float, norm, step: int, run_dir: str) -> str | None:
@@ -171,11 +173,6 @@ def stop_diverged(rank: int, tracker, progress, metrics: dict, step: int, messag
         progress.put({"event": "failed", "message": message})
 
 
-def grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
-
-
 @torch.no_grad()
 def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int, pad_id: int) -> dict[str, float]:
     """Mean validation loss over the same fixed, unshuffled blocks every time, split across ranks."""
@@ -189,7 +186,6 @@ def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int, 
     for _ in range(n_batches):
         total += objective.loss(engine, next_batch(loader, objective, pad_id, engine.device)).double()
     return {f"val/{k}": v for k, v in objective.metrics(mean_over_ranks(total, n_batches)).items()}
-
 
 
 def publish(rank: int, tracker, progress, metrics: dict, step: int) -> None:
