@@ -22,12 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bench import SHAPES  # noqa: E402
-from torch_loop import deepspeed_step, torch_step  # noqa: E402
+from torch_loop import make_step  # noqa: E402
 
-from data.loader import ResumableLoader  # noqa: E402
-from data.prepared import open_split, open_tokenizer, prepare_training_data  # noqa: E402
-from model.gpt import build_model  # noqa: E402
-from model.objectives import get_objective  # noqa: E402
+from data.prepared import prepare_training_data  # noqa: E402
 from orchestrator import engine as engine_module  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 
@@ -57,23 +54,17 @@ def merged(base: dict, patch: dict) -> dict:
     return out
 
 
-def make_step(variant: str, base: list[str], prepared: str):
+def make_variant_step(variant: str, base: list[str], prepared: str):
     overrides, patch = VARIANTS[variant]
     cfg = load_config(base + overrides)
-    tr = cfg.trainer
-    tokenizer = open_tokenizer(prepared)
-    model = build_model(cfg.model, tokenizer, cfg.seed)
-    objective = get_objective(cfg.objective.name)
-    loader = ResumableLoader(open_split(prepared, "train"), tr.micro_batch_size, 0, 1, cfg.seed, cfg.data.shuffle)
     if patch is None:
-        return torch_step(model.to(DEVICE), loader, objective, tr, 1, DEVICE, cfg.hardware.precision)
+        return make_step(cfg, prepared, 0, 1, DEVICE)
     derive = engine_module.deepspeed_config
     engine_module.deepspeed_config = lambda *a, **k: merged(derive(*a, **k), patch)
     try:
-        engine = engine_module.build_engine(model, cfg, 1)
+        return make_step(cfg, prepared, 0, 1, DEVICE, use_deepspeed=True)
     finally:
         engine_module.deepspeed_config = derive
-    return deepspeed_step(engine, loader, objective, tr, tokenizer.pad_token_id)
 
 
 def timed_windows(step, steps: int) -> list[float]:
@@ -136,7 +127,7 @@ def main() -> None:
     profiles = {}
     for round_ in range(args.rounds):
         for variant in args.variants:
-            step = make_step(variant, base, prepared)
+            step = make_variant_step(variant, base, prepared)
             windows[variant] += timed_windows(step, args.steps)[1:]
             if round_ == 0 and not args.no_profile:
                 profiles[variant] = profile(step)

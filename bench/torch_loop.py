@@ -29,9 +29,9 @@ from orchestrator.config import load_config
 from orchestrator.engine import build_engine, lr_at, param_groups
 
 
-def train_steps(cfg, prepared: str, rank: int, world_size: int, device: torch.device,
-                use_deepspeed: bool = False) -> list[float]:
-    """Seconds per optimizer step, timed like lmforge's StepMeter: batch, forward, backward, update."""
+def make_step(cfg, prepared: str, rank: int, world_size: int, device: torch.device, use_deepspeed: bool = False):
+    """A function that runs one optimizer step of the plain loop, or of lmforge's engine, and returns the
+    loss still on the device."""
     tr = cfg.trainer
     tokenizer = open_tokenizer(prepared)
     model = build_model(cfg.model, tokenizer, cfg.seed)
@@ -39,9 +39,15 @@ def train_steps(cfg, prepared: str, rank: int, world_size: int, device: torch.de
     loader = ResumableLoader(open_split(prepared, "train"), tr.micro_batch_size, rank, world_size, cfg.seed,
                              cfg.data.shuffle)
     if use_deepspeed:
-        step = deepspeed_step(build_engine(model, cfg, world_size), loader, objective, tr, tokenizer.pad_token_id)
-    else:
-        step = torch_step(model.to(device), loader, objective, tr, world_size, device, cfg.hardware.precision)
+        return deepspeed_step(build_engine(model, cfg, world_size), loader, objective, tr, tokenizer.pad_token_id)
+    return torch_step(model.to(device), loader, objective, tr, world_size, device, cfg.hardware.precision)
+
+
+def train_steps(cfg, prepared: str, rank: int, world_size: int, device: torch.device,
+                use_deepspeed: bool = False) -> list[float]:
+    """Seconds per optimizer step, timed like lmforge's StepMeter: batch, forward, backward, update."""
+    tr = cfg.trainer
+    step = make_step(cfg, prepared, rank, world_size, device, use_deepspeed)
     times = []
     for i in range(tr.max_steps):
         started = time.perf_counter()
