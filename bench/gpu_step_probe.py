@@ -8,7 +8,8 @@ window, the loss read once per window as lmforge does), and from torch.profiler 
 host-device syncs per step (cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize, and
 device-to-host copies) and how busy the GPU was (kernel time over wall time). A variant patches the
 DeepSpeed config that orchestrator/engine.py derives, or the lmforge config, so each can be tried before
-it becomes a default. Diagnostic only: gpu_bench.py is the benchmark of record.
+it becomes a default (bench/RESULTS.md has the table that chose lmforge's). Diagnostic only: gpu_bench.py
+is the benchmark of record.
 """
 
 import argparse
@@ -29,18 +30,20 @@ from orchestrator import engine as engine_module  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 
 WINDOW = 10
-NO_TIMER = {"timers": {"throughput": {"enabled": False}}}
-NO_OVERFLOW_CHECK = {"bf16": {"enabled": True, "check_grad_overflow": False}}
+# lmforge's defaults turn DeepSpeed's throughput timer and bf16 overflow check off; these turn them back on.
+TIMER = {"timers": {"throughput": {"enabled": True}}}
+OVERFLOW_CHECK = {"bf16": {"check_grad_overflow": True}}  # merged into the derived bf16 section
 # name: (lmforge overrides, DeepSpeed config patch); "plain" is the plain PyTorch loop.
 VARIANTS = {
     "plain": ([], None),
     "lmforge": ([], {}),
-    "no-tput-timer": ([], NO_TIMER),
-    "no-timer-no-overflow": ([], NO_TIMER | NO_OVERFLOW_CHECK),
-    "no-timer-no-clip": (["trainer.grad_clip=0"], NO_TIMER | NO_OVERFLOW_CHECK),
-    "zero0-no-timer": (["hardware.zero_stage=0"], NO_TIMER),
-    "zero1-no-timer-no-overflow": (["hardware.zero_stage=1"], NO_TIMER | NO_OVERFLOW_CHECK),
-    "zero2-no-timer": (["hardware.zero_stage=2"], NO_TIMER),
+    "with-overflow-check": ([], OVERFLOW_CHECK),
+    "with-timer-and-overflow-check": ([], TIMER | OVERFLOW_CHECK),  # DeepSpeed's defaults
+    "no-clip": (["trainer.grad_clip=0"], {}),
+    "zero0": (["hardware.zero_stage=0"], {}),
+    "zero1": (["hardware.zero_stage=1"], {}),
+    "zero2": (["hardware.zero_stage=2"], {}),
+    "zero2-overlap-comm": (["hardware.zero_stage=2"], {"zero_optimization": {"overlap_comm": True}}),
 }
 # Without a GPU it still runs (on the CPU, hardware=cpu), to check the script itself.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
