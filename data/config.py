@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import II
 
-from orchestrator.errors import require
+from common.errors import require
 
 SOURCES = ("embedded", "text", "jsonl", "csv", "parquet", "hf_disk", "webdataset", "tokens")
 TOKENIZER_KINDS = ("byte_bpe", "wordpiece", "unigram", "pretrained")

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from orchestrator.errors import LmforgeError
+from common.errors import LmforgeError
 
 SHUFFLE_SHARDS = 8  # shards mixed together by the epoch shuffle; more mixes better, reads more widely
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from common.errors import LmforgeError
 from data.clean import Cleaner
 from data.config import DataConfig
 from data.encode import encodings, to_ids, tokenize_table
@@ -29,7 +30,6 @@ from data.packing import StreamPacker, token_dtype
 from data.shards import ShardWriter
 from data.sources import iter_documents
 from data.tokenizer import load_tokenizer, train_tokenizer
-from orchestrator.errors import LmforgeError
 
 CHUNK_CHARS = 1_000_000  # text per chunk: one Ray Data block, one tokenize task; small keeps the pipeline full
 # BPE training cost grows with the longest whitespace-free run (minified code, base64): sample heads only.

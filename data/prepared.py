@@ -12,10 +12,10 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from common.errors import LmforgeError
 from data.config import DataConfig
 from data.shards import ShardStore, verify_shards
 from data.sources import expand_paths, is_remote
-from orchestrator.errors import LmforgeError
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.errors import LmforgeError
+from common.errors import LmforgeError
 
 OPEN_SHARDS = 64  # memory maps kept open per store; beyond this the least recently used is closed
 

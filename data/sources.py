@@ -14,8 +14,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from common.errors import LmforgeError
 from data.config import DataConfig
-from orchestrator.errors import LmforgeError
 
 READ_CHUNK = 1 << 20  # bytes per read: the working set per open file, whatever the line lengths
 LENIENT_HINT = "set data.lenient=true to skip or repair such input and count it in the manifest"

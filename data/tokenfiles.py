@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import LmforgeError
 from data.config import DataConfig
-from orchestrator.errors import LmforgeError
 
 LLMC_HEADER_BYTES = 256 * 4
 LLMC_MAGIC = {20240520: ("uint16", 50257), 20240801: ("uint32", 128256)}

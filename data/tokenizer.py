@@ -6,8 +6,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from common.errors import LmforgeError
 from data.config import TokenizerConfig
-from orchestrator.errors import LmforgeError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

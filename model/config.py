@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from orchestrator.errors import require
+from common.errors import require
 
 ARCHITECTURES = ("gpt2", "llama")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 
-from orchestrator.errors import LmforgeError
+from common.errors import LmforgeError
 from orchestrator.quiet import muted
 
 MARKER = "lmforge_checkpoint.json"

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from orchestrator.errors import LmforgeError
+from common.errors import LmforgeError
 from orchestrator.quiet import set_verbosity
 
 OVERRIDES_HELP = "Hydra overrides: key=value, group=option, +key=value"

@@ -13,7 +13,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from orchestrator.errors import ConfigError
+from common.errors import ConfigError
 from orchestrator.schema import LmforgeConfig
 
 PRIMARY = "train"

@@ -8,11 +8,11 @@ from pathlib import Path
 import fsspec
 import torch
 
+from common.errors import LmforgeError
 from data.tokenizer import load_tokenizer
 from model.gpt import build_model
 from orchestrator import checkpoint, runs
 from orchestrator.config import from_dict
-from orchestrator.errors import LmforgeError
 from orchestrator.quiet import muted
 from orchestrator.schema import LmforgeConfig
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from common.errors import LmforgeError
 from data.prepared import prepare_training_data
 from orchestrator import runs
 from orchestrator.checkpoint import latest_checkpoint
 from orchestrator.config import GROUPS, from_dict, to_dict
-from orchestrator.errors import LmforgeError
 from orchestrator.schema import LmforgeConfig
 
 log = logging.getLogger(__name__)

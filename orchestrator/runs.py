@@ -5,8 +5,8 @@ import time
 
 import fsspec
 
+from common.errors import LmforgeError
 from orchestrator import checkpoint
-from orchestrator.errors import LmforgeError
 from orchestrator.schema import LmforgeConfig
 
 RUN_INFO = "lmforge_run.json"

@@ -2,9 +2,9 @@
 
 from dataclasses import dataclass, field
 
+from common.errors import require
 from data.config import DataConfig
 from model.config import ModelConfig
-from orchestrator.errors import require
 
 BACKENDS = ("gloo", "nccl")
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
-from orchestrator.errors import LmforgeError
+from common.errors import LmforgeError
 from orchestrator.redact import REDACTED, is_secret_key, redact_value
 from orchestrator.schema import TrackingConfig
 

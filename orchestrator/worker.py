@@ -9,6 +9,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from common.errors import LmforgeError
 from data.loader import ResumableLoader, eval_plan
 from data.prepared import open_split, open_tokenizer
 from model.gpt import build_model
@@ -16,7 +17,6 @@ from model.objectives import get_objective
 from orchestrator import checkpoint
 from orchestrator.config import from_dict, to_dict
 from orchestrator.engine import build_engine
-from orchestrator.errors import LmforgeError
 from orchestrator.metrics import StepMeter
 from orchestrator.quiet import silence_loggers
 from orchestrator.tracker import RunTracker

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import ConfigError
 from orchestrator.config import GROUPS, config_dir, group_options, load_config, to_yaml
-from orchestrator.errors import ConfigError
 
 ALL_OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
 

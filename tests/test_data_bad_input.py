@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from data_helpers import make_cfg, make_docs
 
+from common.errors import LmforgeError
 from data.prepared import open_split, prepare_training_data, read_meta
 from data.sources import iter_documents
-from orchestrator.errors import LmforgeError
 
 
 def jsonl(path: Path, lines: list[str]) -> Path:
@@ -166,8 +166,8 @@ def test_token_file_errors_name_the_file(tmp_path):
 
 
 def test_bad_data_config_fails_at_compose_naming_the_key():
+    from common.errors import ConfigError
     from orchestrator.config import load_config
-    from orchestrator.errors import ConfigError
 
     for override, key in [("data.engine=spark", "data.engine"), ("data.clean.min_chars=0", "data.clean.min_chars"),
                           ("data.text_unit=sentence", "data.text_unit"), ("data.shard_mb=0", "data.shard_mb")]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator.errors import LmforgeError
+from common.errors import LmforgeError
 from orchestrator.redact import REDACTED, is_secret_key, redact_value
 from orchestrator.schema import TrackingConfig
 from orchestrator.tracker import RunTracker

@@ -22,10 +22,10 @@ from mlflow.tracking import MlflowClient
 from model_helpers import exported_val_loss
 from run_helpers import losses, restored_steps
 
+from common.errors import LmforgeError
 from data.prepared import prepare_training_data, read_meta
 from orchestrator.checkpoint import FAULT_ENV, is_complete, latest_checkpoint, list_checkpoints, read_marker
 from orchestrator.config import load_config
-from orchestrator.errors import LmforgeError
 from orchestrator.launcher import train
 from orchestrator.runs import read_run_info
 from orchestrator.tracking import tracking_uri

@@ -1,0 +1,1 @@
+"""Leaf modules that data/, model/ and orchestrator/ may all import: they import nothing of lmforge."""
