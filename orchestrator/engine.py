@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from orchestrator.quiet import use_own_torch_extensions_dir
 from orchestrator.schema import HardwareConfig, LmforgeConfig, TrainerConfig
 
 
@@ -161,6 +162,7 @@ def build_engine(model: torch.nn.Module, cfg: LmforgeConfig, world_size: int, lo
     """Wrap `model` in a DeepSpeed engine with AdamW and the warmup/decay schedule from the config."""
     deepspeed = import_deepspeed()
     use_own_ninja()
+    use_own_torch_extensions_dir()  # also on workers of a cluster joined with --address, in their environment
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = plain_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     if cfg.hardware.activation_checkpointing:

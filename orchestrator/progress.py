@@ -7,10 +7,23 @@ import threading
 from tqdm import tqdm
 
 SHOWN = (("train/loss", "loss", "{:.3f}"), ("val/loss", "val", "{:.3f}"), ("train/lr", "lr", "{:.1e}"),
-         ("train/tokens_per_second", "tok/s", "{:,.0f}"), ("train/mfu", "mfu", "{:.1%}"))
+         ("train/tokens_per_second", "tok/s", "{:,.0f}"))
 
 
 DONE = {"event": "done"}  # put by the driver when trainer.fit returns, so waiting needs no polling
+
+
+def postfix(metrics: dict) -> str:
+    """The progress bar's "loss 4.119  lr 3.0e-03  tok/s 9,150  mfu n/a" from the latest metrics."""
+    shown = [f"{name} {fmt.format(metrics[key])}" for key, name, fmt in SHOWN if key in metrics]
+    if "train/tokens_per_second" in metrics:
+        shown.append(f"mfu {mfu_text(metrics)}")
+    return "  ".join(shown)
+
+
+def mfu_text(metrics: dict) -> str:
+    """MFU as a percentage, or n/a when hardware.peak_flops_per_worker names no peak to measure it against."""
+    return f"{metrics['train/mfu']:.1%}" if "train/mfu" in metrics else "n/a"
 
 
 def follow(events, worker: threading.Thread) -> dict:
@@ -44,8 +57,7 @@ def follow(events, worker: threading.Thread) -> dict:
         last.update({k: v for k, v in event.items() if "/" in k})
         if bar is not None:
             bar.n = event["step"]
-            bar.set_postfix_str("  ".join(f"{name} {fmt.format(last[key])}" for key, name, fmt in SHOWN
-                                          if key in last), refresh=False)
+            bar.set_postfix_str(postfix(last), refresh=False)
             bar.refresh()
     if bar is not None:
         bar.close()

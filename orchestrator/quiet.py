@@ -4,6 +4,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 import warnings
 
 NOISY_LOGGERS = ("ray", "ray.train", "ray.data", "ray.tune", "DeepSpeed", "deepspeed", "mlflow", "alembic",
@@ -40,6 +41,7 @@ def set_verbosity(verbose: bool) -> dict[str, str]:
     for key, value in env.items():
         os.environ.setdefault(key, value)
     os.environ["LMFORGE_VERBOSE"] = "1" if verbose else "0"
+    use_own_torch_extensions_dir()  # an embedded cluster's workers inherit it
     if not verbose and not _has_cuda_driver():
         # Saves DeepSpeed probing for CUDA and warning about it in every process.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -47,6 +49,17 @@ def set_verbosity(verbose: bool) -> dict[str, str]:
     if not verbose:
         silence_loggers()
     return {k: os.environ[k] for k in env} | {"LMFORGE_VERBOSE": os.environ["LMFORGE_VERBOSE"]}
+
+
+def use_own_torch_extensions_dir() -> None:
+    """Have DeepSpeed JIT-build its ops (the CPU comm op) inside this Python environment, unless the user chose.
+
+    torch's default, ~/.cache/torch_extensions, is shared by every environment of the user, and a build from
+    another environment counts as stale: two checkouts rebuilt the op in turn, 30-76 s each time. A Python
+    whose prefix is not writable (a system Python) keeps torch's default.
+    """
+    if os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def silence_loggers() -> None:

@@ -1,5 +1,6 @@
 """Every shipped preset composes and validates; every kind of config mistake fails early and says why."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,25 @@ def test_cli_config_show_prints_resolved_yaml():
     assert "${" not in out.stdout, "interpolations left unresolved"
 
 
+@pytest.mark.parametrize("argv", [
+    ["-v", "config", "show"], ["config", "show", "-v"], ["config", "show", "experiment=smoke", "--verbose"],
+    ["train", "-v", "experiment=smoke"], ["data", "prepare", "experiment=smoke", "-v"],
+    ["export", "run", "--out", "x", "-v"], ["generate", "run", "hi", "-v"],
+])
+def test_verbose_is_accepted_before_and_after_the_command(argv):
+    from orchestrator.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.verbose is True
+    assert "-v" not in args.overrides and "--verbose" not in args.overrides
+
+
+def test_cli_config_show_takes_verbose_after_the_command():
+    out = run_cli("config", "show", "experiment=smoke", "-v")
+    assert out.returncode == 0, out.stderr
+    assert "name: gpt-tiny" in out.stdout
+
+
 def test_cli_bad_config_exits_2_without_traceback():
     out = run_cli("config", "validate", "hardware.zero_stage=7")
     assert out.returncode == 2
@@ -136,3 +156,21 @@ def test_cli_validate_ok():
     out = run_cli("config", "validate", "model=gpt2-124m", "hardware=gpu-8")
     assert out.returncode == 0, out.stderr
     assert "config ok" in out.stdout
+
+
+def test_commands_named_in_conf_comments_exist(capsys):
+    """A preset's comment that tells users to run `lmforge <command>` names one the CLI has."""
+    from orchestrator.cli import build_parser
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    named = {(path.name, command) for path in conf.rglob("*.yaml")
+             for command in re.findall(r"`lmforge (\w+)", path.read_text())}
+    assert named, "the presets name lmforge commands in their comments"
+    missing = set()
+    for name, command in named:
+        with pytest.raises(SystemExit) as exit:  # --help exits 0; an unknown command exits 2
+            build_parser().parse_args([command, "--help"])
+        if exit.value.code != 0:
+            missing.add((name, command))
+    capsys.readouterr()
+    assert missing == set()

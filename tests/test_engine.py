@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.config import load_config
 from orchestrator.engine import deepspeed_config, lr_at, plain_arch_list, use_own_ninja
@@ -125,3 +126,29 @@ def test_deepspeed_builds_its_ops_with_this_environments_ninja(monkeypatch):
     use_own_ninja()
     assert shutil.which("ninja") == str(own)
     assert os.environ["PATH"].split(os.pathsep).count(str(own.parent)) == 1
+
+
+def test_deepspeed_builds_its_ops_inside_this_environment(tmp_path):
+    """Not in ~/.cache/torch_extensions, which every virtualenv shares and rebuilds in turn; a user's choice wins."""
+    code = ("import os\nfrom orchestrator.quiet import set_verbosity\nset_verbosity(False)\n"
+            "print(os.environ['TORCH_EXTENSIONS_DIR'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    driver = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env=env)
+    assert driver.stdout.strip() == str(Path(sys.prefix) / "torch_extensions"), driver.stderr[-2000:]
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env=env | {"TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert chosen.stdout.strip() == str(tmp_path)
+
+
+def test_workers_on_any_cluster_build_ops_inside_their_environment(monkeypatch):
+    import orchestrator.engine as engine
+
+    calls = []
+    fake_deepspeed = type("FakeDeepSpeed", (), {"initialize": staticmethod(lambda **kw: calls.append(kw) or
+                                                                          (None, None, None, None))})
+    monkeypatch.setattr(engine, "import_deepspeed", lambda: fake_deepspeed)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "unset below, restored after the test")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    engine.build_engine(torch.nn.Linear(2, 2), load_config([]), world_size=1)
+    assert calls and os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
