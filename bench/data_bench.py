@@ -52,7 +52,7 @@ def bench_training_step(cfg, tokenizer, steps: int) -> float:
 
     from model.gpt import build_model
 
-    model = build_model(cfg.model, tokenizer, cfg.seed)
+    model = build_model(cfg.model, len(tokenizer), cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = torch.randint(0, len(tokenizer), (cfg.trainer.micro_batch_size, cfg.data.seq_len))
     timings = []
@@ -73,7 +73,7 @@ def bench_loader(store, micro_batch_size: int, seconds: float = 3.0) -> float:
     loader = ResumableLoader(store, micro_batch_size, 0, 1, seed=0)
     tokens, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        tokens += loader.next_batch().numel()
+        tokens += sum(len(sample) for sample in loader.next_batch())
     return tokens / (time.perf_counter() - started)
 
 

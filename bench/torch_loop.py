@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from data.loader import ResumableLoader
-from data.prepared import open_split, open_tokenizer
+from data.prepared import open_split, read_vocabulary
 from model.gpt import build_model
 from model.objectives import get_objective
 from orchestrator.config import load_config
@@ -33,13 +33,13 @@ def make_step(cfg, prepared: str, rank: int, world_size: int, device: torch.devi
     """A function that runs one optimizer step of the plain loop, or of lmforge's engine, and returns the
     loss still on the device."""
     tr = cfg.trainer
-    tokenizer = open_tokenizer(prepared)
-    model = build_model(cfg.model, tokenizer, cfg.seed)
+    vocab = read_vocabulary(prepared)
+    model = build_model(cfg.model, vocab.size, cfg.seed, vocab.bos_id, vocab.eos_id, vocab.pad_id)
     objective = get_objective(cfg.objective.name)
     loader = ResumableLoader(open_split(prepared, "train"), tr.micro_batch_size, rank, world_size, cfg.seed,
                              cfg.data.shuffle)
     if use_deepspeed:
-        return deepspeed_step(build_engine(model, cfg, world_size), loader, objective, tr, tokenizer.pad_token_id)
+        return deepspeed_step(build_engine(model, cfg, world_size), loader, objective, tr, vocab.pad_id)
     return torch_step(model.to(device), loader, objective, tr, world_size, device, cfg.hardware.precision)
 
 
@@ -88,7 +88,7 @@ def torch_step(model, loader: ResumableLoader, objective, tr, world_size: int, d
     return step
 
 
-def deepspeed_step(engine, loader: ResumableLoader, objective, tr, pad_id: int):
+def deepspeed_step(engine, loader: ResumableLoader, objective, tr, pad_id: int | None):
     """lmforge's own per-worker step function, minus Ray."""
     from orchestrator.worker import train_step
 

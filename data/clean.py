@@ -1,25 +1,83 @@
 """Clean documents: strip HTML, normalize Unicode, drop empty, short and duplicate documents with a reason."""
 
 import hashlib
-import html
 import re
 import unicodedata
-import zlib
 from collections import Counter
+from functools import partial
 
 import numpy as np
 
 from data.config import CleanConfig
 
-_SCRIPT = re.compile(r"<(script|style)\b.*?</\1\s*>", re.I | re.S)
-_COMMENT = re.compile(r"<!--.*?-->", re.S)
-_TAG = re.compile(r"<[^>]{0,2000}>")
-_BLANKS = re.compile(r"\n\s*\n\s*\n+")
+# A document is HTML when its first tag-like text, after leading whitespace, is an HTML doctype or the opening
+# tag of a known HTML element. Code (`if a<b and c>d:`), plain text and math never start that way, so they are
+# left byte-identical; a web page, or a fragment starting with <p>, <div>, <br> and the like, is parsed.
+HTML_ELEMENTS = ("html", "head", "body", "title", "meta", "link", "p", "div", "span", "br", "hr", "a", "b", "i",
+                 "em", "strong", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "dl", "dt", "dd", "table",
+                 "thead", "tbody", "tr", "th", "td", "pre", "code", "blockquote", "section", "article", "header",
+                 "footer", "nav", "main", "aside", "figure", "figcaption", "img", "form", "script", "style",
+                 "noscript")
+_HTML_START = re.compile(rf"\s*(?:<!doctype\s+html\b|<(?:{'|'.join(HTML_ELEMENTS)})(?:\s[^<>]*)?/?>)", re.I)
+SKIPPED = {"script", "style", "noscript", "template", "svg", "iframe", "object", "head"}
+PARAGRAPH_TAGS = {"p", "div", "section", "article", "header", "footer", "nav", "main", "aside", "blockquote",
+                  "pre", "table", "ul", "ol", "dl", "figure", "figcaption", "form", "hr", "address", "fieldset",
+                  "h1", "h2", "h3", "h4", "h5", "h6", "details", "summary", "body"}
+LINE_TAGS = {"br", "li", "tr", "dt", "dd", "caption", "option"}
+CELL_TAGS = {"td", "th"}
+VERBATIM_TAGS = {"pre", "textarea"}
+# Markers while walking the tree; control characters that cannot survive in extracted text.
+_LINE, _PARAGRAPH, _KEPT_SPACE = "\x00", "\x01", "\x02"
+_BREAKS = re.compile(r" *[\x00\x01][\x00\x01 ]*")
+_SPACES = re.compile(r"\s+")
+_RUNS_OF_SPACES = re.compile(r"  +")  # spaces kept verbatim in <pre> are _KEPT_SPACE until the end
+
+
+def is_html(text: str) -> bool:
+    """True for a document that starts (after whitespace) with a doctype or a known HTML element's tag."""
+    return _HTML_START.match(text) is not None
 
 
 def strip_html(text: str) -> str:
-    text = _COMMENT.sub("", _SCRIPT.sub("", text))
-    return _BLANKS.sub("\n\n", html.unescape(_TAG.sub("", text)))
+    """The visible text of an HTML document; any other document is returned unchanged.
+
+    Only documents `is_html` accepts are parsed (with lexbor, through selectolax). Scripts, styles and
+    noscript are removed; entities are unescaped; whitespace is collapsed as a browser would, except inside
+    <pre>; block elements become paragraphs (a blank line), list items, rows and <br> become line breaks.
+    """
+    if not is_html(text):
+        return text
+    from selectolax.lexbor import LexborHTMLParser
+
+    tree = LexborHTMLParser(text)
+    root = tree.body or tree.root
+    text = _BREAKS.sub(_join_breaks, "".join(_visible_pieces(root)))
+    return _RUNS_OF_SPACES.sub(" ", text).strip().replace(_KEPT_SPACE, " ")
+
+
+def _visible_pieces(root):
+    """Text and break markers of the tree under `root`, in document order (an explicit stack: pages can nest
+    deeper than Python's recursion limit)."""
+    stack = [(root, False)]
+    while stack:
+        node, verbatim = stack.pop()
+        if isinstance(node, str):
+            yield node
+        elif node.is_text_node:
+            text = re.sub(r"[\x00-\x02]", "", node.text_content or "")
+            yield text.replace(" ", _KEPT_SPACE) if verbatim else _SPACES.sub(" ", text)
+        elif node.is_element_node and node.tag not in SKIPPED:
+            tag = node.tag
+            mark = (_PARAGRAPH if tag in PARAGRAPH_TAGS else _LINE if tag in LINE_TAGS
+                    else " " if tag in CELL_TAGS else "")
+            inner = verbatim or tag in VERBATIM_TAGS
+            stack.append((mark, inner))
+            stack.extend((child, inner) for child in reversed(list(node.iter(include_text=True))))
+            yield mark
+
+
+def _join_breaks(match: re.Match) -> str:
+    return "\n\n" if _PARAGRAPH in match.group() else "\n"
 
 
 class Cleaner:
@@ -57,36 +115,35 @@ class Cleaner:
 
 
 class NearDuplicates:
-    """MinHash over word 5-grams with LSH banding: a new document similar to a kept one is a near-duplicate."""
+    """datasketch MinHash over word 5-grams, indexed by MinHashLSH: a document whose estimated Jaccard
+    similarity to an earlier kept one reaches `threshold` is a near-duplicate (the first one wins)."""
 
-    PERMUTATIONS, BANDS = 64, 8  # 8 bands of 8 rows: candidates from about 0.77 estimated Jaccard
-    PRIME = (1 << 61) - 1
+    NUM_PERM, SEED, SHINGLE_WORDS = 128, 1, 5  # fixed seed: the same text hashes the same in every run
 
     def __init__(self, threshold: float):
-        rng = np.random.default_rng(0)  # fixed: the same text must hash the same in every run
-        self.a = rng.integers(1, 1 << 31, self.PERMUTATIONS, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 31, self.PERMUTATIONS, dtype=np.uint64)
-        self.threshold = threshold
-        self.buckets: list[dict[bytes, int]] = [{} for _ in range(self.BANDS)]
-        self.signatures: list[np.ndarray] = []
+        from datasketch import MinHash, MinHashLSH
 
-    def signature(self, text: str) -> np.ndarray:
+        self.threshold = threshold
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=self.NUM_PERM)
+        # Permutations are drawn once; each document's MinHash reuses them instead of drawing its own.
+        template = MinHash(num_perm=self.NUM_PERM, seed=self.SEED)
+        self._new = partial(MinHash, num_perm=self.NUM_PERM, seed=self.SEED, permutations=template.permutations,
+                            scheme=template.scheme)
+        self.kept: list[np.ndarray] = []
+
+    def minhash(self, text: str):
         words = text.split()
-        grams = {" ".join(words[i:i + 5]) for i in range(max(1, len(words) - 4))}
-        hashes = np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
-        # (a*h + b) mod 2^64 is a cheap universal family; 32-bit inputs keep the products well mixed.
-        return (hashes[:, None] * self.a[None, :] + self.b[None, :]).min(axis=0)
+        n = self.SHINGLE_WORDS
+        shingles = {" ".join(words[i:i + n]).encode() for i in range(max(1, len(words) - n + 1))}
+        sketch = self._new()
+        sketch.update_batch(shingles)
+        return sketch
 
     def seen_similar(self, text: str) -> bool:
-        sig = self.signature(text)
-        rows = self.PERMUTATIONS // self.BANDS
-        keys = [sig[i * rows:(i + 1) * rows].tobytes() for i in range(self.BANDS)]
-        for band, key in enumerate(keys):
-            other = self.buckets[band].get(key)
-            if other is not None and np.mean(self.signatures[other] == sig) >= self.threshold:
-                return True
-        index = len(self.signatures)
-        self.signatures.append(sig)
-        for band, key in enumerate(keys):
-            self.buckets[band].setdefault(key, index)
+        sketch = self.minhash(text)
+        # LSH candidates share a band; only an estimated similarity at the threshold makes a duplicate.
+        if any(np.mean(self.kept[key] == sketch.hashvalues) >= self.threshold for key in self.lsh.query(sketch)):
+            return True
+        self.lsh.insert(len(self.kept), sketch, check_duplication=False)
+        self.kept.append(sketch.hashvalues.astype(np.uint32))
         return False

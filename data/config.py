@@ -33,11 +33,11 @@ class TokenizerConfig:
 
 @dataclass
 class CleanConfig:
-    strip_html: bool = False  # drop tags, scripts and styles; unescape entities
+    strip_html: bool = False  # HTML documents only (see data.clean.is_html): keep the visible text
     unicode: str = "NFC"  # normalization form, or none
     min_chars: int = 1  # documents shorter than this after cleaning are dropped and counted
     dedup: bool = True  # drop exact duplicates (by hash of the cleaned text)
-    near_dedup: bool = False  # also drop near-duplicates by MinHash over word 5-grams
+    near_dedup: bool = False  # also drop near-duplicates: datasketch MinHash LSH over word 5-grams
     near_dedup_threshold: float = 0.8  # estimated Jaccard similarity at which a document is a near-duplicate
 
     def validate(self, at: str) -> None:
@@ -59,7 +59,7 @@ class DataConfig:
     val_fraction: float = 0.05  # held out by document, before tokenization
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
-    packed: bool = True  # false: one sample per document (split at seq_len), padded with the pad token
+    packed: bool = True  # false: one sample per document (split at seq_len), padded per batch when collated
     shard_mb: float = 64.0  # target size of one WebDataset output shard
     prepared_dir: str | None = None  # where prepared corpora go; default <paths.root>/data
     engine: str = "auto"  # ray: Ray Data map_batches; local: this process; auto: ray when a cluster is given

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from common.errors import LmforgeError
 
@@ -50,7 +49,8 @@ def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool, shard_si
 
 
 class ResumableLoader:
-    """Yields LongTensor batches [micro_batch_size, seq_len] for one rank; `state_dict` resumes exactly."""
+    """Yields micro-batches for one rank, each a list of `micro_batch_size` int64 token arrays at their real
+    lengths (the objective's collator pads them); `state_dict` resumes exactly."""
 
     def __init__(self, store: SampleStore, micro_batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool = True):
@@ -94,13 +94,13 @@ class ResumableLoader:
             start, count = start + take, count - take
         return np.concatenate(ids)
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> list[np.ndarray]:
         window = self.micro_batch_size * self.world_size
         mine = self.sample_ids(self.position + self.rank * self.micro_batch_size, self.micro_batch_size)
         self.position += window
-        return torch.from_numpy(np.stack([np.asarray(self.store[int(i)], dtype=np.int64) for i in mine]))
+        return [np.asarray(self.store[int(i)], dtype=np.int64) for i in mine]
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[list[np.ndarray]]:
         while True:
             yield self.next_batch()
 

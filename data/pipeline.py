@@ -29,7 +29,7 @@ from data.encode import encodings, to_ids, tokenize_table
 from data.packing import StreamPacker, token_dtype
 from data.shards import ShardWriter
 from data.sources import iter_documents
-from data.tokenizer import load_tokenizer, train_tokenizer
+from data.tokenizer import load_tokenizer, require_separator, train_tokenizer
 
 CHUNK_CHARS = 1_000_000  # text per chunk: one Ray Data block, one tokenize task; small keeps the pipeline full
 # BPE training cost grows with the longest whitespace-free run (minified code, base64): sample heads only.
@@ -38,15 +38,19 @@ LOCAL_AHEAD = 8  # chunks the local engine tokenizes ahead of packing (about 1 M
 SPLITS = ("train", "val")
 
 
-def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool) -> dict:
-    """Write shards and tokenizer into `out`; return the manifest (not yet written)."""
+def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool,
+          worker_env: dict[str, str] | None = None) -> dict:
+    """Write shards and tokenizer into `out`; return the manifest (not yet written).
+
+    `worker_env`: environment for the Ray Data job's workers, when this call starts Ray (see start_ray)."""
     started, stats = time.time(), Counter()
     if cfg.source == "tokens":
         return build_from_tokens(cfg, out, seed, stats) | {"seconds": round(time.time() - started, 3)}
-    started_ray, early = engine == "ray" and start_ray(), None
+    started_ray, early = engine == "ray" and start_ray(worker_env), None
     try:
         # A given tokenizer can start on each chunk as it is read; a trained one needs the whole split first.
-        given = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.kind == "pretrained" else None
+        path = cfg.tokenizer.path
+        given = require_separator(load_tokenizer(path), path) if cfg.tokenizer.kind == "pretrained" else None
         early = ThreadTokenizer(given.backend_tokenizer.to_str()) if given and engine == "local" else None
         chunks, keys = stage_documents(cfg, seed, stats, engine, progress, early.submit if early else None)
         if len(keys) < 2:
@@ -66,22 +70,77 @@ def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool) ->
             import ray
 
             ray.shutdown()
+    return vocabulary_fields(tokenizer, len(tokenizer), out) | {
+        "splits": splits, "counts": dict(sorted(stats.items())), "engine": engine,
+        "seconds": round(time.time() - started, 3)}
+
+
+def vocabulary_fields(tokenizer, vocab_size: int, out: Path) -> dict:
+    """The manifest's vocabulary: size and special ids, None where there is no such token (or no tokenizer).
+
+    pad_id stays None for a tokenizer without a pad token: padding is tracked by length, never by an id
+    that may also be text (GPT-2 has no pad token, and its EOS separates documents)."""
+    if tokenizer is None:
+        return {"vocab_size": vocab_size, "bos_id": None, "eos_id": None, "pad_id": None, "tokenizer_sha256": None}
     tok_hash = hashlib.sha256((out / "tokenizer" / "tokenizer.json").read_bytes()).hexdigest()
-    return {"vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
-            "tokenizer_sha256": tok_hash, "splits": splits, "counts": dict(sorted(stats.items())),
-            "engine": engine, "seconds": round(time.time() - started, 3)}
+    return {"vocab_size": vocab_size, "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
+            "pad_id": tokenizer.pad_token_id, "tokenizer_sha256": tok_hash}
 
 
-def start_ray() -> bool:
-    """Join the cluster in RAY_ADDRESS, or start a local one; True when this call started it."""
+# Variables a Ray Data job needs to behave like this process; secrets among them stay behind (see forwarded_env).
+FORWARDED_PREFIXES = ("RAY_", "TOKENIZERS_", "HF_")
+FORWARD_ENV = "LMFORGE_FORWARD_ENV"  # comma-separated names the user chooses to send to the cluster anyway
+SECRET_WORDS = {"TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "AUTH",
+                "APIKEY", "KEY", "COOKIE"}
+
+
+def is_secret_name(name: str) -> bool:
+    """True for a variable whose name says it holds a credential: HF_TOKEN, RAY_AUTH_TOKEN, *_PASSWORD.
+
+    By whole words between underscores, so TOKENIZERS_PARALLELISM is not one."""
+    return bool(SECRET_WORDS.intersection(name.upper().split("_")))
+
+
+def forwarded_env(environ: dict[str, str], extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The job's env_vars: `extra` (lmforge's quiet/offline settings) and the Ray, tokenizers and HF
+    variables of `environ`, but never a secret unless its name is listed in LMFORGE_FORWARD_ENV.
+
+    A runtime env is stored by the cluster and shown in its dashboard and job records, so an HF_TOKEN or
+    RAY_AUTH_TOKEN put there would leak to everyone who can read them."""
+    named = {n.strip() for n in environ.get(FORWARD_ENV, "").split(",") if n.strip()}
+    env = {k: v for k, v in (extra or {}).items() if not is_secret_name(k) or k in named}
+    env |= {k: v for k, v in environ.items()
+            if k in named or (k.startswith(FORWARDED_PREFIXES) and not is_secret_name(k))}
+    return env
+
+
+def start_ray(worker_env: dict[str, str] | None = None) -> bool:
+    """Join the cluster in RAY_ADDRESS, or start a local one; True when this call started it.
+
+    `worker_env` is what the job's workers should see besides the forwarded variables (the CLI's quiet and
+    offline settings). Ray's own log lines reach the console only with LMFORGE_VERBOSE=1."""
     import ray
 
     if ray.is_initialized():
         return False
-    env = {k: v for k, v in os.environ.items() if k.startswith(("RAY_", "TOKENIZERS_", "HF_"))}
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-             log_to_driver=os.environ.get("LMFORGE_VERBOSE") == "1", runtime_env={"env_vars": env})
+    verbose = os.environ.get("LMFORGE_VERBOSE") == "1"
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=verbose,
+             logging_level="INFO" if verbose else "ERROR",
+             runtime_env={"env_vars": forwarded_env(dict(os.environ), worker_env)})
     return True
+
+
+def quiet_ray_data() -> None:
+    """Ray Data configures its own console handler at INFO when imported; keep it to errors unless verbose.
+
+    Only the console handler: Ray Data's log file in the session directory keeps everything."""
+    import logging
+
+    if os.environ.get("LMFORGE_VERBOSE") == "1":
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler" or type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.ERROR)
 
 
 def stage_documents(cfg: DataConfig, seed: int, stats: Counter, engine: str, progress: bool, on_chunk=None):
@@ -229,6 +288,7 @@ def tokenize(chunks: list, tokenizer_json: str, engine: str):
         return local
     import ray.data
 
+    quiet_ray_data()
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled
     ctx.execution_options.preserve_order = True  # the order decides which duplicate and which block is first
@@ -277,22 +337,30 @@ def pack_and_write(cfg: DataConfig, out: Path, tokenized, val_below: int, tokeni
 
 
 def build_from_tokens(cfg: DataConfig, out: Path, seed: int, stats: Counter) -> dict:
-    """Pack flat token files into blocks and hold out a seeded random set of blocks for validation."""
+    """Pack flat token files into blocks and hold out a seeded random set of blocks for validation.
+
+    No tokenizer is needed: the files declare their vocabulary size. A flat token stream already carries its
+    own document boundaries, so nothing is inserted; and as blocks are all full, nothing is ever padded.
+    A given tokenizer (kind=pretrained) is only kept beside the shards, so `generate` can decode.
+    """
     from data.sources import expand_paths
     from data.tokenfiles import open_token_file
 
     files = [open_token_file(p, cfg) for p in expand_paths(cfg.paths, cfg.source)]
-    vocab = max(f.vocab_size for f in files)
+    tokenizer = None
+    if cfg.tokenizer.kind == "pretrained":
+        shutil.copytree(cfg.tokenizer.path, out / "tokenizer")
+        tokenizer = load_tokenizer(out / "tokenizer")
+    # The model's vocabulary covers both the files' ids and the tokenizer's (which may add special tokens).
+    vocab = max([f.vocab_size for f in files] + ([len(tokenizer)] if tokenizer is not None else []))
     n_blocks = sum(len(f.tokens) for f in files) // cfg.seq_len
     if n_blocks < 2:
         raise LmforgeError(f"data: token files hold fewer than 2 blocks of data.seq_len={cfg.seq_len}")
     n_val = max(1, round(n_blocks * cfg.val_fraction))
     is_val = np.zeros(n_blocks, dtype=bool)
     is_val[np.random.default_rng(seed).choice(n_blocks, n_val, replace=False)] = True
-    if cfg.tokenizer.kind == "pretrained":
-        shutil.copytree(cfg.tokenizer.path, out / "tokenizer")
     dtype, shard_bytes = token_dtype(vocab), int(cfg.shard_mb * (1 << 20))
-    packer = StreamPacker(cfg.seq_len, 0, packed=True)
+    packer = StreamPacker(cfg.seq_len, None, packed=True)
     writers = {s: ShardWriter(out, s, shard_bytes, dtype) for s in SPLITS}
     block = 0
     for f in files:
@@ -308,5 +376,4 @@ def build_from_tokens(cfg: DataConfig, out: Path, seed: int, stats: Counter) -> 
         shards = writers[split].close()
         splits[split] = {"documents": 0, "blocks": writers[split].samples, "tokens": writers[split].tokens,
                          "shards": shards}
-    return {"vocab_size": vocab, "eos_id": None, "pad_id": 0, "tokenizer_sha256": None, "splits": splits,
-            "counts": dict(stats), "engine": "local"}
+    return vocabulary_fields(tokenizer, vocab, out) | {"splits": splits, "counts": dict(stats), "engine": "local"}

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.errors import LmforgeError
@@ -63,10 +63,11 @@ def choose_engine(cfg: DataConfig) -> str:
 
 
 def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: str | None = None,
-                          progress: bool = False) -> Path:
+                          progress: bool = False, worker_env: dict[str, str] | None = None) -> Path:
     """Return the prepared directory for `cfg`, building it if this exact config and input were never prepared.
 
-    `engine` overrides `cfg.engine` (ray: Ray Data map_batches; local: this process).
+    `engine` overrides `cfg.engine` (ray: Ray Data map_batches; local: this process). `worker_env` goes to
+    the Ray Data job's workers when preparing starts Ray itself.
     """
     out = prepared_path(cfg, root, seed)
     if (out / MANIFEST).is_file():
@@ -78,7 +79,7 @@ def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = build(cfg, tmp, seed, engine, progress)
+        manifest = build(cfg, tmp, seed, engine, progress, worker_env)
         manifest = {"format": FORMAT_VERSION, "name": cfg.name, "source": cfg.source, "seq_len": cfg.seq_len,
                     "packed": cfg.packed, "dtype": shard_dtype(manifest["vocab_size"]), "seed": seed,
                     "key": out.name, **manifest, "inputs": input_fingerprint(cfg), "config": asdict(cfg)}
@@ -109,12 +110,11 @@ def read_meta(prepared: str | Path) -> dict:
 
 
 def open_split(prepared: str | Path, split: str) -> ShardStore:
-    """Random access to the samples [seq_len] of `split` (train or val) in the prepared shards."""
+    """Random access to the samples (at most seq_len tokens each) of `split` (train or val)."""
     meta = read_meta(prepared)
     if split not in meta["splits"]:
         raise LmforgeError(f"no split '{split}' in {prepared}; it has {', '.join(meta['splits'])}")
-    pad = meta["pad_id"] if meta.get("pad_id") is not None else 0
-    return ShardStore(prepared, meta["splits"][split]["shards"], meta["dtype"], meta["seq_len"], pad)
+    return ShardStore(prepared, meta["splits"][split]["shards"], meta["dtype"])
 
 
 def verify(prepared: str | Path) -> list[str]:
@@ -124,14 +124,30 @@ def verify(prepared: str | Path) -> list[str]:
 
 
 def open_tokenizer(prepared: str | Path):
+    """The prepared data's tokenizer, or None: token files need none unless the user gave one to decode with."""
     path = Path(prepared) / "tokenizer"
     if not path.is_dir():
-        raise LmforgeError(f"{prepared} has no tokenizer (pre-tokenized input without data.tokenizer.kind="
-                           f"pretrained and data.tokenizer.path)")
+        return None
     # Imported here: transformers costs the driver half a second it does not need when data is prepared.
     from data.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a model needs to know of the data's ids; any special id may be None (a bare token file)."""
+
+    size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+
+def read_vocabulary(prepared: str | Path) -> Vocabulary:
+    meta = read_meta(prepared)
+    # Manifests written before bos_id was recorded came from tokenizers whose bos is their eos.
+    return Vocabulary(meta["vocab_size"], meta.get("bos_id", meta["eos_id"]), meta["eos_id"], meta["pad_id"])
 
 
 def summarize(prepared: str | Path) -> str:

@@ -101,13 +101,14 @@ class ShardWriter:
 
 
 class ShardStore:
-    """Random access to the samples of one split: `store[i]` is an array of `seq_len` token ids.
+    """Random access to the samples of one split: `store[i]` is the token ids of sample i, at its real length.
 
-    Unpacked samples are shorter than `seq_len` and are right-padded with `pad_id` on read.
+    Packed samples are all `seq_len` long; unpacked ones (one document each) may be shorter. Padding is the
+    collator's job, so the store never invents a token value to pad with.
     """
 
-    def __init__(self, directory: str | Path, shards: list[dict], dtype: str, seq_len: int, pad_id: int):
-        self.directory, self.dtype, self.seq_len, self.pad_id = Path(directory), np.dtype(dtype), seq_len, pad_id
+    def __init__(self, directory: str | Path, shards: list[dict], dtype: str):
+        self.directory, self.dtype = Path(directory), np.dtype(dtype)
         self.shards = shards
         for shard in shards:
             path = self.directory / shard["name"]
@@ -129,10 +130,7 @@ class ShardStore:
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
         offset, count = self._shard_index(shard)[index - self.starts[shard]]
         start = int(offset)
-        tokens = self._map(shard)[start:start + int(count) * self.dtype.itemsize].view(self.dtype)
-        if len(tokens) == self.seq_len:
-            return tokens
-        return np.concatenate([tokens, np.full(self.seq_len - len(tokens), self.pad_id, dtype=self.dtype)])
+        return self._map(shard)[start:start + int(count) * self.dtype.itemsize].view(self.dtype)
 
     def _shard_index(self, shard: int) -> np.ndarray:
         if shard not in self._index:

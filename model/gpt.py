@@ -6,12 +6,20 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from model.config import ModelConfig
 
 
-def padded_vocab_size(cfg: ModelConfig, tokenizer_vocab_size: int) -> int:
+def padded_vocab_size(cfg: ModelConfig, vocab_size: int) -> int:
     multiple = cfg.pad_vocab_to_multiple
-    return (tokenizer_vocab_size + multiple - 1) // multiple * multiple
+    return (vocab_size + multiple - 1) // multiple * multiple
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
+def embedding_rows(state_dict: dict[str, torch.Tensor]) -> int:
+    """The (padded) vocabulary size a saved model was built with: the rows of its input embedding."""
+    for key, tensor in state_dict.items():
+        if key.endswith(("wte.weight", "embed_tokens.weight")):
+            return tensor.shape[0]
+    raise KeyError("no input embedding (wte / embed_tokens) in the state dict")
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, bos_id: int | None, eos_id: int | None, pad_id: int | None):
     if cfg.arch == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
@@ -28,10 +36,14 @@ def hf_config(cfg: ModelConfig, vocab_size: int, bos_id: int, eos_id: int, pad_i
         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=False)
 
 
-def build_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
-    """A freshly initialised causal LM whose weights depend only on `seed`, identical on every rank."""
-    config = hf_config(cfg, padded_vocab_size(cfg, len(tokenizer)), tokenizer.bos_token_id,
-                       tokenizer.eos_token_id, tokenizer.pad_token_id)
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int, bos_id: int | None = None,
+                eos_id: int | None = None, pad_id: int | None = None) -> PreTrainedModel:
+    """A freshly initialised causal LM whose weights depend only on `seed`, identical on every rank.
+
+    `vocab_size` is the data's (a tokenizer's length, or a token file's declared vocabulary); the special
+    ids only go into the HF config, for generation, and may be None when the data has no tokenizer.
+    """
+    config = hf_config(cfg, padded_vocab_size(cfg, vocab_size), bos_id, eos_id, pad_id)
     # SDPA is the fast path on GPU and deterministic on CPU; eager is only needed for attention plots.
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from data.loader import ResumableLoader, epoch_order
 from data.prepared import open_split, prepare_training_data
@@ -31,8 +30,8 @@ def prepared(tmp_path_factory):
     return prepare_training_data(cfg.data, tmp_path_factory.mktemp("root"), cfg.seed)
 
 
-def ids_of(batch: torch.Tensor) -> list[int]:
-    return batch[:, 0].tolist()
+def ids_of(batch: list[np.ndarray]) -> list[int]:
+    return [int(sample[0]) for sample in batch]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -89,7 +88,8 @@ def test_resume_after_n_batches_gives_identical_next_batches(prepared, n_batches
         resumed = ResumableLoader(store, 3, rank, 2, seed=0)  # seed comes back from the state
         resumed.load_state_dict(state)
         for want in expected:
-            assert torch.equal(resumed.next_batch(), want)
+            got = resumed.next_batch()
+            assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
 
 
 def test_resume_on_fewer_ranks_covers_rest_of_epoch_exactly_once():
@@ -111,8 +111,24 @@ def test_state_from_other_data_is_refused(prepared):
         loader.load_state_dict(ResumableLoader(IdStore(60), 2, 0, 1, seed=0).state_dict())
 
 
-def test_store_rows_are_full_blocks_of_token_ids(prepared):
+def test_packed_batches_are_full_blocks_of_token_ids(prepared):
     store = open_split(prepared, "val")
     batch = ResumableLoader(store, 4, 0, 1, seed=0, shuffle=False).next_batch()
-    assert batch.dtype == torch.long and batch.shape == (4, 64)
-    assert torch.equal(batch[1], torch.from_numpy(store[1].astype(np.int64)))
+    assert len(batch) == 4 and all(s.dtype == np.int64 and s.shape == (64,) for s in batch)
+    assert np.array_equal(batch[1], store[1])
+
+
+def test_unpacked_samples_come_at_their_real_length(tmp_path):
+    """The store and loader never pad: which positions are padding is the collator's to know, by length."""
+    import json
+
+    from data_helpers import make_cfg, make_docs
+
+    docs = make_docs(12, words=5) + make_docs(2, seed=3, words=40)  # short ones, and two that fill a block
+    (tmp_path / "u.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    out = prepare_training_data(make_cfg("jsonl", [tmp_path / "u.jsonl"], packed=False), tmp_path / "root", 0)
+    store = open_split(out, "train")
+    lengths = {len(store[i]) for i in range(len(store))}
+    assert max(lengths) == 32 and min(lengths) < 32, "short documents must not be padded to seq_len"
+    batch = ResumableLoader(store, len(store), 0, 1, seed=0, shuffle=False).next_batch()
+    assert [len(s) for s in batch] == [len(store[i]) for i in range(len(store))]

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -137,12 +138,13 @@ def test_unpacked_keeps_documents_apart_and_splits_long_ones(tmp_path):
     meta, tok = read_meta(out), open_tokenizer(tmp_path / "root" / "data" / out.name)
     samples = [s for split in ("train", "val") for s in (lambda st: [st[i] for i in range(len(st))])(
         open_split(out, split))]
-    assert all(len(s) == 32 for s in samples)
+    assert all(0 < len(s) <= 32 for s in samples), "samples come at their real length, never padded"
     eos, pad = meta["eos_id"], meta["pad_id"]
     assert sum(int((s == eos).sum()) for s in samples) == 11, "one separator per document"
+    assert not any((s == pad).any() for s in samples)
     long_doc = tok.encode(docs[-1], add_special_tokens=False)
     assert len(long_doc) > 5 * 32 and len(samples) >= 10 + len(long_doc) // 32
-    assert all(s[-1] in (eos, pad) or (s != pad).all() for s in samples)
+    assert all(s[-1] == eos or len(s) == 32 for s in samples), "a short sample is the end of a document"
 
 
 def test_same_config_reuses_and_changes_rebuild(tmp_path):
@@ -246,3 +248,62 @@ def test_auto_engine_uses_ray_data_only_when_a_cluster_is_given(tmp_path, monkey
     jsonl.engine = "local"
     assert choose_engine(jsonl) == "local", "an explicit engine wins"
     assert choose_engine(make_cfg("embedded", [])) == "local", "the small embedded corpus stays in-process"
+
+
+def cli_prepare(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    for i in range(12):
+        (tmp_path / f"d{i}.txt").write_text(" ".join(make_docs(1, seed=i, words=40)))
+    args = [sys.executable, "-m", "orchestrator.cli", "data", "prepare", "data=text",
+            f"data.paths=[{tmp_path}/*.txt]", "experiment=smoke", "data.seq_len=16", f"paths.root={tmp_path}/root",
+            *overrides]
+    clean_env = {k: v for k, v in (env or os.environ).items() if k != "RAY_ADDRESS"}
+    return subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                          timeout=300, env=clean_env)
+
+
+def test_cli_prepare_with_auto_engine_and_no_cluster_stays_local(tmp_path):
+    done = cli_prepare(tmp_path, "data.engine=auto")
+    assert done.returncode == 0, done.stderr
+    assert "engine=local" in done.stdout, "the README: Ray Data only when a cluster is given"
+
+
+@pytest.mark.slow
+def test_cli_prepare_on_ray_prints_no_ray_log_lines(tmp_path):
+    import re
+
+    done = cli_prepare(tmp_path, "data.engine=ray")
+    assert done.returncode == 0, done.stderr
+    assert "engine=ray" in done.stdout
+    noise = [line for line in done.stderr.splitlines() if re.search(r"\b(INFO|WARNING)\b", line)]
+    assert noise == [], "Ray's log lines need --verbose"
+
+
+def test_secrets_stay_out_of_the_ray_runtime_env():
+    from data.pipeline import forwarded_env
+
+    environ = {"HF_TOKEN": "hf_x", "RAY_AUTH_TOKEN": "r", "HF_HOME": "/hf", "RAY_DEDUP_LOGS": "1",
+               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_TOKEN": "t", "RAY_REDIS_PASSWORD": "p",
+               "AWS_SECRET_ACCESS_KEY": "s", "PATH": "/bin"}
+    env = forwarded_env(environ, {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"})
+    assert env == {"HF_HOME": "/hf", "RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    asked = forwarded_env(environ | {"LMFORGE_FORWARD_ENV": " HF_TOKEN, AWS_SECRET_ACCESS_KEY,NOT_SET"})
+    assert asked["HF_TOKEN"] == "hf_x" and asked["AWS_SECRET_ACCESS_KEY"] == "s"
+    assert "RAY_AUTH_TOKEN" not in asked and "NOT_SET" not in asked
+
+
+def test_start_ray_sends_only_forwarded_env(monkeypatch):
+    import ray
+
+    import data.pipeline
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "ray_secret")
+    monkeypatch.delenv("LMFORGE_FORWARD_ENV", raising=False)
+    assert data.pipeline.start_ray({"PYTHONWARNINGS": "ignore"})
+    env = seen["runtime_env"]["env_vars"]
+    assert "HF_TOKEN" not in env and "RAY_AUTH_TOKEN" not in env and env["PYTHONWARNINGS"] == "ignore"
+    assert "hf_secret" not in repr(seen) and "ray_secret" not in repr(seen)
