@@ -4,7 +4,6 @@ against a peak the hardware config names."""
 from pathlib import Path
 
 import pytest
-from model_helpers import StubTokenizer
 from omegaconf import OmegaConf
 
 from model.config import ModelConfig
@@ -76,8 +75,8 @@ def test_with_a_peak_mfu_is_logged_and_shown():
 def test_built_model_is_seeded_and_padded(arch):
     cfg = ModelConfig(arch=arch, n_layer=1, n_head=2, n_embd=32, max_seq_len=16,
                       n_kv_head=1 if arch == "llama" else None)
-    a, b = build_model(cfg, StubTokenizer(500), seed=3), build_model(cfg, StubTokenizer(500), seed=3)
-    c = build_model(cfg, StubTokenizer(500), seed=4)
+    a, b = build_model(cfg, 500, seed=3), build_model(cfg, 500, seed=3)
+    c = build_model(cfg, 500, seed=4)
     assert a.config.vocab_size == padded_vocab_size(cfg, 500) == 512
     wa, wb, wc = (next(m.parameters()) for m in (a, b, c))
     assert (wa == wb).all() and not (wa == wc).all()
