@@ -64,7 +64,7 @@ def main() -> None:
 
     import torch
 
-    from data.prepared import open_tokenizer, prepare_training_data
+    from data.prepared import prepare_training_data, read_vocabulary
     from model.flops import flops_per_token
     from model.gpt import build_model
     from orchestrator.config import load_config
@@ -76,7 +76,7 @@ def main() -> None:
         base = workload(model, args.steps, scratch)
         cfg = load_config(base)
         prepared = str(prepare_training_data(cfg.data, cfg.paths.root, cfg.seed))
-        params = sum(p.numel() for p in build_model(cfg.model, open_tokenizer(prepared), cfg.seed).parameters())
+        params = sum(p.numel() for p in build_model(cfg.model, read_vocabulary(prepared).size, cfg.seed).parameters())
         tokens_per_step = cfg.trainer.micro_batch_size * cfg.data.seq_len
         per_token = flops_per_token(params, cfg.model, cfg.data.seq_len)
         measured = {}

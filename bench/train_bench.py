@@ -101,12 +101,12 @@ def probe_worker_setup(prepared: str, overrides: list[str]) -> None:
     import_deepspeed()
     lap("import deepspeed")
     import orchestrator.worker  # noqa: F401  (ray.train and the rest of lmforge)
-    from data.prepared import open_tokenizer
+    from data.prepared import read_vocabulary
     from orchestrator.config import load_config
     from orchestrator.engine import build_engine
     lap("import ray.train and lmforge")
     cfg = load_config(overrides)
-    model = build_model(cfg.model, open_tokenizer(prepared), cfg.seed)
+    model = build_model(cfg.model, read_vocabulary(prepared).size, cfg.seed)
     lap("build model")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     with tempfile.NamedTemporaryFile() as store:
@@ -205,7 +205,7 @@ def main() -> None:
     from orchestrator.quiet import set_verbosity
     set_verbosity(verbose=False)  # the same quiet, offline environment `lmforge train` gives its workers
 
-    from data.prepared import open_tokenizer, prepare_training_data
+    from data.prepared import prepare_training_data, read_vocabulary
     from model.gpt import build_model
     from orchestrator.config import load_config
 
@@ -213,7 +213,7 @@ def main() -> None:
     base = workload(args.steps) + [f"paths.root={args.root or scratch}"]
     cfg = load_config(base)
     prepared = str(prepare_training_data(cfg.data, cfg.paths.root, cfg.seed))
-    params = sum(p.numel() for p in build_model(cfg.model, open_tokenizer(prepared), cfg.seed).parameters())
+    params = sum(p.numel() for p in build_model(cfg.model, read_vocabulary(prepared).size, cfg.seed).parameters())
     per_process = cfg.trainer.micro_batch_size * cfg.data.seq_len
 
     runs = (("plain PyTorch loop", 1), ("lmforge, 1 worker", 1), ("torchrun DDP", 2),

@@ -7,6 +7,7 @@ from common.errors import LmforgeError
 from orchestrator.quiet import set_verbosity
 
 OVERRIDES_HELP = "Hydra overrides: key=value, group=option, +key=value"
+VERBOSE_HELP = "show Ray, DeepSpeed and MLflow logs"
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -35,12 +36,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.overrides)
     result = train(cfg, args.overrides, address=args.address, worker_env=args.worker_env)
+    if result.already_done:
+        print(f"run:         {result.run_name} {result.already_done}; nothing to train (raise trainer.max_steps "
+              "to continue it)")
+        print(f"latest:      {result.checkpoint}")
+        return 0
     shown = {k: v for k, v in result.metrics.items() if k in ("train/loss", "val/loss", "val/perplexity")}
     print(f"run:         {result.run_name}  ({', '.join(f'{k}={v:.4g}' for k, v in shown.items())})")
-    speed = result.metrics
-    if "train/tokens_per_second" in speed:
-        print(f"speed:       {speed['train/tokens_per_second']:,.0f} tokens/s, {speed['train/step_time_s']:.3f} s/step, "
-              f"MFU {speed['train/mfu']:.1%} (last logged window)")
+    if "train/tokens_per_second" in result.metrics:
+        print(f"speed:       {speed_summary(result.metrics)}")
     print(f"checkpoints: {result.run_dir}")
     if result.checkpoint:
         print(f"latest:      {result.checkpoint}")
@@ -59,15 +63,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def speed_summary(metrics: dict) -> str:
+    from orchestrator.progress import mfu_text
+
+    return (f"{metrics['train/tokens_per_second']:,.0f} tokens/s, {metrics['train/step_time_s']:.3f} s/step, "
+            f"MFU {mfu_text(metrics)} (last logged window)")
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from data.prepared import MANIFEST, prepare_training_data, prepared_path, summarize
     from orchestrator.config import load_config
 
     cfg = load_config(args.overrides)
     cached = (prepared_path(cfg.data, cfg.paths.root, cfg.seed) / MANIFEST).is_file()
-    # The CLI is the cluster-scale path: tokenize with Ray Data unless the user asked for engine=local.
-    engine = "ray" if cfg.data.engine == "auto" else cfg.data.engine
-    out = prepare_training_data(cfg.data, cfg.paths.root, cfg.seed, engine=engine, progress=True)
+    # engine=auto: Ray Data when a cluster is given (RAY_ADDRESS or a running Ray), else this process.
+    out = prepare_training_data(cfg.data, cfg.paths.root, cfg.seed, progress=True, worker_env=args.worker_env)
     print(("reused " if cached else "") + summarize(out))
     return 0
 
@@ -93,37 +103,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge", description="Train transformer language models on Ray with DeepSpeed ZeRO.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray, DeepSpeed and MLflow logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    # Every command also takes -v after its name; SUPPRESS keeps an absent one from resetting `lmforge -v`.
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     config = commands.add_parser("config", help="show or validate the composed config")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    show = config_commands.add_parser("show", help="print the fully resolved config as YAML")
+    show = config_commands.add_parser("show", help="print the fully resolved config as YAML",
+                                      parents=[verbosity])
     show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     show.set_defaults(func=cmd_config_show)
-    validate = config_commands.add_parser("validate", help="exit 0 if the config is valid, else explain")
+    validate = config_commands.add_parser("validate", help="exit 0 if the config is valid, else explain",
+                                          parents=[verbosity])
     validate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     validate.set_defaults(func=cmd_config_validate)
 
     data = commands.add_parser("data", help="prepare corpora into tokenized WebDataset shards")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    prepare = data_commands.add_parser("prepare", help="clean, tokenize (Ray Data on a cluster), pack and shard conf/data")
+    prepare = data_commands.add_parser("prepare", help="clean, tokenize (Ray Data on a cluster), pack and shard conf/data",
+                                       parents=[verbosity])
     prepare.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     prepare.set_defaults(func=cmd_data_prepare)
 
-    train = commands.add_parser("train", help="pretrain a language model on Ray Train with DeepSpeed ZeRO workers")
+    train = commands.add_parser("train", help="pretrain a language model on Ray Train with DeepSpeed ZeRO workers",
+                                parents=[verbosity])
     train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; resume=<run dir | MLflow run id>")
     train.set_defaults(func=cmd_train)
 
     target_help = "a run directory, a checkpoint directory, or an MLflow run id"
-    export = commands.add_parser("export", help="consolidate ZeRO shards into a Hugging Face model directory")
+    export = commands.add_parser("export", help="consolidate ZeRO shards into a Hugging Face model directory",
+                                 parents=[verbosity])
     export.add_argument("target", help=target_help)
     export.add_argument("--out", required=True, help="output directory (config, safetensors, tokenizer)")
     export.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (to find the MLflow store)")
     export.set_defaults(func=cmd_export)
 
-    generate = commands.add_parser("generate", help="sample text from a trained checkpoint")
+    generate = commands.add_parser("generate", help="sample text from a trained checkpoint",
+                                   parents=[verbosity])
     generate.add_argument("target", help=target_help)
     generate.add_argument("prompt", help="text to continue")
     generate.add_argument("--max-new-tokens", type=int, default=64)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from common.errors import LmforgeError
 from data.tokenizer import load_tokenizer
-from model.gpt import build_model
+from model.gpt import build_model, embedding_rows
 from orchestrator import checkpoint, runs
 from orchestrator.config import from_dict
 from orchestrator.quiet import muted
@@ -23,19 +24,26 @@ def load_trained(target: str, cfg: LmforgeConfig):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    _, ckpt = runs.resolve(target, cfg)
+    found = runs.resolve(target, cfg, checksums=cfg.checkpoint.verify)
+    for uri, why in found.rejected:  # export only reads: the run's next training start removes them
+        print(f"lmforge: {checkpoint.skipped_line(uri, why)}", file=sys.stderr)
+    ckpt = found.checkpoint
     if ckpt is None:
         raise LmforgeError(f"{target} has no complete checkpoint yet")
     with tempfile.TemporaryDirectory(prefix="lmforge-export-") as tmp:
         local = _local_copy(ckpt, Path(tmp))
         marker = checkpoint.read_marker(str(local))
         saved = from_dict(marker["config"])
-        tokenizer = load_tokenizer(local / "tokenizer")
-        model = build_model(saved.model, tokenizer, saved.seed)
+        # A run on bare token files has none; the weights themselves say the vocabulary size.
+        tokenizer = load_tokenizer(local / "tokenizer") if (local / "tokenizer").is_dir() else None
         state = consolidated_state_dict(local, saved.hardware.zero_stage)
+        ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if tokenizer else ()
+        model = build_model(saved.model, embedding_rows(state), saved.seed, *ids)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
+    # Strict but for weights the model ties to others: an untied head missing from the checkpoint would
+    # otherwise stay randomly initialised and export a model that only looks right.
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) if model.config.tie_word_embeddings else set()
+    if unexpected or [k for k in missing if k not in tied]:
         raise LmforgeError(f"checkpoint {ckpt} does not match model {saved.model.name}: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
@@ -61,7 +69,8 @@ def export(target: str, out: str, cfg: LmforgeConfig) -> Path:
     out_dir = Path(out).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
     (out_dir / "lmforge_export.json").write_text(
         json.dumps({"step": marker["step"], "metrics": marker["metrics"]}, indent=1))
     return out_dir
@@ -70,12 +79,17 @@ def export(target: str, out: str, cfg: LmforgeConfig) -> Path:
 def generate(target: str, prompt: str, cfg: LmforgeConfig, max_new_tokens: int = 64,
              temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> str:
     model, tokenizer, _ = load_trained(target, cfg)
+    if tokenizer is None:
+        raise LmforgeError(f"{target} has no tokenizer to turn the prompt into ids (trained on token files "
+                           f"prepared without one); prepare with data.tokenizer.kind=pretrained and "
+                           f"data.tokenizer.path=<the tokenizer that made them>")
     inputs = tokenizer(prompt, return_tensors="pt")
     torch.manual_seed(seed)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                 temperature=temperature or None, top_k=top_k,
-                                pad_token_id=tokenizer.pad_token_id)
+                                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                else tokenizer.eos_token_id)
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 

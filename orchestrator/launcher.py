@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from common.errors import LmforgeError
 from data.prepared import prepare_training_data
-from orchestrator import runs
+from orchestrator import checkpoint, resume, runs
 from orchestrator.checkpoint import latest_checkpoint
-from orchestrator.config import GROUPS, from_dict, to_dict
+from orchestrator.config import to_dict
+from orchestrator.failures import failure_policy, worker_user_error
+from orchestrator.redact import redact_config, redact_value
 from orchestrator.schema import LmforgeConfig
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # 2 cores with 2 workers, this gave the workers a few percent more throughput (bench/RESULTS.md).
 LOCAL_CLUSTER_ENV = {"RAY_enable_metrics_collection": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray's local-only mode (its default on macOS and Windows): the node's address becomes 127.0.0.1, and with it
+# every Ray process binds there instead of on all interfaces: GCS, raylet, object manager, driver, workers,
+# agents, and the Prometheus endpoints of the autoscaler monitor and the dashboard process. ray.init() has
+# no argument for it (it turns _node_ip_address="127.0.0.1" back into the routable address).
+LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 SHIPPED_EXCLUDES = [".venv/", ".git/", "lmforge_runs/", "bench/", "tests/", "**/__pycache__/", "*.db"]
 
 
@@ -38,32 +43,12 @@ class TrainResult:
     seconds_to_first_step: float | None  # from the start of train()
     startup: dict[str, float]  # seconds spent in each start-up phase before the first step
     started_at: float  # wall-clock time train() began
-
-
-def apply_resume(cfg: LmforgeConfig, overrides: list[str]) -> tuple[LmforgeConfig, dict, str | None]:
-    """The saved run's config, with only the keys given on this command line changed."""
-    run_dir, latest = runs.resolve(cfg.resume, cfg)
-    info = runs.read_run_info(run_dir)
-    if info is None:
-        raise LmforgeError(f"{run_dir} has no {runs.RUN_INFO}; it was not written by lmforge train")
-    merged = OmegaConf.create(info["config"])
-    fresh = OmegaConf.structured(cfg)
-    for item in overrides:
-        key = item.lstrip("+~").split("=", 1)[0]
-        if key in GROUPS:  # hardware=gpu-8: take the whole freshly composed group
-            if key != "experiment":
-                merged[key] = fresh[key]
-        elif key != "resume":
-            OmegaConf.update(merged, key, OmegaConf.select(fresh, key), force_add=True)
-    merged.paths = fresh.paths
-    merged.resume = cfg.resume
-    resumed = from_dict(OmegaConf.to_container(merged))
-    resumed.validate()
-    return resumed, info, latest
+    already_done: str | None = None  # a resume of a run that had reached trainer.max_steps: nothing ran
 
 
 def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str]) -> bool:
     """Join the cluster at `address` or RAY_ADDRESS, else start an embedded one; True if it was started here."""
+    import psutil
     import ray
 
     if ray.is_initialized():  # an embedding program (a test, a notebook) already chose the cluster
@@ -80,9 +65,16 @@ def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str])
     cpus = max(os.cpu_count() or 1, int(cfg.hardware.workers * cfg.hardware.cpus_per_worker) + 1)
     # A local cluster's workers inherit this process's environment; a runtime_env would only make Ray start
     # fresh worker processes through its runtime-env agent instead of the ones it pre-starts.
-    os.environ.update(worker_env)
+    os.environ.update(worker_env | LOOPBACK_ONLY_ENV)
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
+    if "lo" in psutil.net_if_addrs():  # Linux: gloo would listen on the address the host name resolves to
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # Ray read that switch into a constant when it was imported (maybe before this call); its processes
+    # started below read it from the environment.
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", include_dashboard=cfg.hardware.ray_dashboard,
              log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR", _temp_dir=ray_temp_dir(cfg))
     return True
@@ -123,66 +115,154 @@ def ray_temp_dir(cfg: LmforgeConfig) -> str | None:
 
 def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
           worker_env: dict[str, str] | None = None) -> TrainResult:
-    from orchestrator.progress import DONE, follow
-    from orchestrator.tracking import finish_run, start_run
+    from orchestrator.progress import say
+    from orchestrator.tracking import finish_run
 
     wall_started = time.time()
     # Ray Train's torch side imports torch (about 2 s on a small machine); that overlaps preparing data and
     # starting Ray and the MLflow run, which mostly wait on other processes.
     trainer_modules = threading.Thread(target=import_trainer_modules, daemon=True)
     trainer_modules.start()
-    resume_from = None
     if cfg.resume:
-        cfg, info, resume_from = apply_resume(cfg, overrides)
-        run_name, mlflow_run_id = info["run_name"], info["mlflow_run_id"]
+        plan = resume.plan(cfg, overrides)
+        cfg, run_name, run_dir = plan.cfg, plan.run_name, plan.run_dir
+        for uri, why in plan.rejected:  # no worker runs yet, so nothing is mid-save: remove them for good
+            say(f"{checkpoint.skipped_line(uri, why)}; removed")
+            checkpoint.remove(uri)
+        if plan.step >= cfg.trainer.max_steps:
+            return TrainResult(run_name, run_dir, plan.mlflow_run_id, {}, plan.checkpoint, None, {}, wall_started,
+                               already_done=f"reached step {plan.step} of trainer.max_steps="
+                                            f"{cfg.trainer.max_steps} already")
     else:
-        run_name, mlflow_run_id = cfg.run_name or runs.default_run_name(cfg), None
-    run_dir = f"{runs.storage_root(cfg)}/{run_name}"
-    if not cfg.resume and runs.read_run_info(run_dir) is not None:
-        raise LmforgeError(f"run {run_name} already exists in {run_dir}; pass resume={run_dir} to continue it")
+        plan, run_name = None, cfg.run_name or runs.default_run_name(cfg)
+        run_dir = f"{runs.storage_root(cfg)}/{run_name}"
+        if runs.read_run_info(run_dir) is not None:
+            raise LmforgeError(f"run {run_name} already exists in {run_dir}; pass resume={run_dir} to continue it")
 
     marks = {"start": wall_started}
     prepared = str(prepare_training_data(cfg.data, cfg.paths.root, cfg.seed))
+    if plan is not None and plan.checkpoint:
+        check_resumable_data(plan, prepared, cfg, overrides)
     marks["data_prepared"] = time.time()
+    checkpoint.drop_ray_snapshot(run_dir)
     config_dict = to_dict(cfg)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # Creating a fresh MLflow store takes seconds; let it overlap Ray's start-up.
-        tracking = pool.submit(start_run, cfg.tracking, cfg.paths.root, run_name, params=config_dict,
-                               tags={"lmforge.run_dir": run_dir, "lmforge.prepared_data": prepared},
-                               run_id=mlflow_run_id)
-        embedded = connect(address, cfg, worker_env or {})
-        if embedded:
-            start_autoscaling_coordinator()
-        mlflow_run_id = tracking.result()
+    mlflow_run_id, status_before, embedded = start_tracking_and_ray(cfg, plan, run_name, run_dir, prepared,
+                                                                    config_dict, address, worker_env or {})
     trainer_modules.join()
-    runs.write_run_info(run_dir, {"run_name": run_name, "mlflow_run_id": mlflow_run_id, "config": config_dict,
-                                  "prepared": prepared})
+    info = {"run_name": run_name, "mlflow_run_id": mlflow_run_id, "config": redact_config(config_dict),
+            "prepared": prepared} | ({"parent": plan.parent} if plan and plan.parent else {})
+    runs.write_run_info(run_dir, info)
     marks["ray_and_tracking_ready"] = time.time()
+    try:
+        metrics = fit(cfg, config_dict, embedded, prepared, mlflow_run_id, run_dir, plan, worker_env or {})
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints stay resumable; close the MLflow run as killed
+        finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "KILLED")
+        raise
+    except BaseException:
+        end_failed(cfg, mlflow_run_id, status_before, trained=False)
+        raise
+    first_step = metrics.pop("first_step_at", None)
+    startup = startup_phases(marks | metrics.pop("worker_startup", {}), first_step)
+    failed, error = metrics.pop("failed", None), metrics.pop("error", None)
+    if error is not None or failed:
+        end_failed(cfg, mlflow_run_id, status_before, trained=first_step is not None)
+        if failed:
+            raise LmforgeError(f"training failed: {failed}")
+        raise LmforgeError(f"training failed: {worker_user_error(error) or error}") from error
+    finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FINISHED")
+    return TrainResult(run_name, run_dir, mlflow_run_id, metrics, latest_checkpoint(run_dir),
+                       first_step - wall_started if first_step else None, startup, wall_started)
 
+
+def check_resumable_data(plan: resume.Resume, prepared: str, cfg: LmforgeConfig, overrides: list[str]) -> None:
+    """Refuse, before anything starts, to continue a data position on data it does not describe."""
+    saved = checkpoint.read_marker(plan.checkpoint)["loader"].get("data")
+    changes = checkpoint.data_changes(saved, checkpoint.data_identity(prepared, cfg.data.shuffle))
+    if changes:
+        keys = resume.data_keys_given(resume.given_keys(overrides))
+        named = f" (this command line sets {', '.join(keys)})" if keys else ""
+        raise LmforgeError(f"cannot resume from {plan.checkpoint}: it was trained on different data{named}, so its "
+                           f"position would continue in a different sample order: {'; '.join(changes)}. Resume "
+                           "with the original data settings, or start a new run")
+
+
+def start_tracking_and_ray(cfg: LmforgeConfig, plan, run_name: str, run_dir: str, prepared: str,
+                           config_dict: dict, address: str | None, worker_env: dict[str, str]):
+    """(MLflow run id, its status before this start, whether Ray was started here). Creating a fresh MLflow
+    store takes seconds, so it overlaps Ray's start-up; if Ray cannot start, the run is not left RUNNING."""
+    from orchestrator.tracking import run_status, start_run
+
+    tags = {"lmforge.run_dir": run_dir, "lmforge.prepared_data": prepared}
+    if plan is not None and plan.parent:
+        tags |= {"lmforge.parent_run_dir": plan.parent["run_dir"], "lmforge.parent_checkpoint": plan.checkpoint,
+                 "lmforge.parent_step": plan.step, "mlflow.parentRunId": plan.parent["mlflow_run_id"] or ""}
+    run_id = plan.mlflow_run_id if plan is not None else None
+
+    def open_run():
+        before = run_status(cfg.tracking, cfg.paths.root, run_id) if run_id else None
+        return start_run(cfg.tracking, cfg.paths.root, run_name, params=config_dict, tags=tags, run_id=run_id), before
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tracking = pool.submit(open_run)
+        try:
+            embedded = connect(address, cfg, worker_env)
+            if embedded:
+                start_autoscaling_coordinator()
+        except Exception as error:
+            with contextlib.suppress(Exception):
+                end_failed(cfg, *tracking.result(), trained=False)
+            if isinstance(error, LmforgeError):
+                raise
+            where = redact_value(address or os.environ.get("RAY_ADDRESS") or "a local Ray cluster")
+            raise LmforgeError(f"cannot reach the Ray cluster at {where}: {type(error).__name__}: "
+                               f"{redact_value(str(error).splitlines()[0] if str(error) else '')}") from None
+        run_id, before = tracking.result()
+    return run_id, before, embedded
+
+
+def end_failed(cfg: LmforgeConfig, run_id: str | None, status_before: str | None, trained: bool) -> None:
+    """A run that failed ends FAILED, except a resume that failed before training a step: that leaves its
+    MLflow run as it was (a FINISHED run stays FINISHED because a later attempt could not start)."""
+    from orchestrator.tracking import finish_run, restore_status
+
+    if status_before is not None and not trained:
+        restore_status(cfg.tracking, cfg.paths.root, run_id, status_before)
+    else:
+        finish_run(cfg.tracking, cfg.paths.root, run_id, "FAILED")
+
+
+def fit(cfg: LmforgeConfig, config_dict: dict, embedded: bool, prepared: str, mlflow_run_id: str | None,
+        run_dir: str, plan, worker_env: dict[str, str]) -> dict:
+    """Run the workers under Ray Train while drawing their progress; the last metrics, plus "error" if
+    trainer.fit raised."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
     from ray.util.queue import Queue
+
+    from orchestrator.progress import DONE, follow
 
     hw = cfg.hardware
     events = Queue(actor_options={"num_cpus": 0})
     trainer = trainer_class(embedded)(
         _train_loop,
         train_loop_config={"config": config_dict, "prepared": prepared, "mlflow_run_id": mlflow_run_id,
-                           "run_dir": run_dir, "progress": events, "resume_from": resume_from},
+                           "run_dir": run_dir, "progress": events,
+                           "resume_from": plan.checkpoint if plan is not None else None},
         torch_config=TorchConfig(backend=hw.backend),
         scaling_config=ScalingConfig(
             num_workers=(hw.min_workers, hw.workers) if hw.min_workers else hw.workers,
             use_gpu=hw.use_gpu, resources_per_worker={"CPU": hw.cpus_per_worker} | ({"GPU": 1} if hw.use_gpu else {}),
             placement_strategy=hw.placement_strategy),
         run_config=RunConfig(
-            name=run_name, storage_path=runs.storage_root(cfg),
+            name=run_dir.rsplit("/", 1)[1], storage_path=run_dir.rsplit("/", 1)[0],
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            worker_runtime_env=worker_runtime_env(worker_env or {})),
+            # lmforge prunes checkpoints itself (checkpoint.prune), by its own markers: Ray keeps them all.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            worker_runtime_env=worker_runtime_env(worker_env)),
     )
     outcome: dict = {}
 
-    def fit() -> None:
+    def run() -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as e:  # re-raised on the main thread
@@ -191,37 +271,11 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
             with contextlib.suppress(Exception):  # a dead queue actor: follow() notices the thread ended
                 events.put(DONE)
 
-    fitter = threading.Thread(target=fit, daemon=True)
+    fitter = threading.Thread(target=run, daemon=True)
     fitter.start()
-    try:
-        metrics = follow(events, fitter)
-    except KeyboardInterrupt:  # Ctrl-C: the checkpoints stay resumable; close the MLflow run as killed
-        finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "KILLED")
-        raise
+    metrics = follow(events, fitter)
     fitter.join()
-    first_step = metrics.pop("first_step_at", None)
-    startup = startup_phases(marks | metrics.pop("worker_startup", {}), first_step)
-    failed = metrics.pop("failed", None)
-    if "error" in outcome or failed:
-        finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FAILED")
-        if failed:
-            raise LmforgeError(f"training failed: {failed}")
-        raise LmforgeError(f"training failed: {worker_user_error(outcome['error']) or outcome['error']}") \
-            from outcome["error"]
-    finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FINISHED")
-    return TrainResult(run_name, run_dir, mlflow_run_id, metrics, latest_checkpoint(run_dir),
-                       first_step - wall_started if first_step else None, startup, wall_started)
-
-
-def worker_user_error(error: BaseException) -> LmforgeError | None:
-    """The LmforgeError behind a worker failure, whose message says it all, without Ray's traceback around it."""
-    for failure in getattr(error, "worker_failures", {}).values():
-        seen = 0
-        while failure is not None and seen < 8:
-            if isinstance(failure, LmforgeError):
-                return failure
-            failure, seen = getattr(failure, "cause", None) or failure.__cause__, seen + 1
-    return None
+    return metrics | ({"error": outcome["error"]} if "error" in outcome else {})
 
 
 def trainer_class(embedded: bool):
@@ -241,6 +295,13 @@ def trainer_class(embedded: bool):
             if embedded:
                 unused.add("PlacementGroupCleanerCallback")
             return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in unused]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            # A user error on a worker ends the run at once instead of being retried max_failures times.
+            policy = failure_policy(self.run_config.failure_config)
+            if policy is not None and "failure_policy" in kwargs:
+                kwargs["failure_policy"] = policy
+            return super()._initialize_and_run_controller(**kwargs)
 
     return LeanTorchTrainer
 

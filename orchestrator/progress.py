@@ -26,6 +26,11 @@ def mfu_text(metrics: dict) -> str:
     return f"{metrics['train/mfu']:.1%}" if "train/mfu" in metrics else "n/a"
 
 
+def say(line: str) -> None:
+    """One line for the user on stderr, above the progress bar if one is drawn."""
+    tqdm.write(f"lmforge: {line}", file=sys.stderr)
+
+
 def follow(events, worker: threading.Thread) -> dict:
     """Draw a progress bar with an ETA until `worker` (running trainer.fit) ends; return the last metrics."""
     bar, last = None, {}
@@ -42,6 +47,9 @@ def follow(events, worker: threading.Thread) -> dict:
         if event["event"] == "first_step":
             last.setdefault("first_step_at", event["time"])
             last.setdefault("worker_startup", event["startup"])
+            continue
+        if event["event"] == "notice":  # e.g. a checkpoint skipped on a restart, and why
+            say(event["message"])
             continue
         if event["event"] == "failed":  # the workers ended the run on purpose; the driver reports why
             last["failed"] = event["message"]

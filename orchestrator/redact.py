@@ -12,7 +12,8 @@ SECRET_WORDS = {"password", "passwd", "pwd", "secret", "secrets", "credential", 
 KEY_QUALIFIERS = {"api", "access", "secret", "private", "auth", "encryption", "signing", "client", "account",
                   "ssh", "master", "license", "sas", "service"}
 # "token" is also a vocabulary word (eos_token, pad_token_id); those are configuration, not credentials.
-VOCAB_WORDS = {"eos", "bos", "pad", "unk", "sep", "cls", "mask", "special", "start", "end", "id", "ids"}
+VOCAB_WORDS = {"eos", "bos", "pad", "unk", "sep", "cls", "mask", "special", "start", "end", "id", "ids",
+               "dtype", "vocab", "size", "count", "counts", "type", "types", "len", "length", "max", "min"}
 # Everything between the scheme and the host's last "@": user:password, or a token used as the user name.
 URI_USERINFO = re.compile(r"([a-zA-Z][\w+.-]*://)[^\s/?#@]+(?:@[^\s/?#@]+)*@")
 SECRET_QUERY = re.compile(

@@ -1,7 +1,9 @@
 """Where a run lives: its directory in checkpoint storage, its metadata file, and resolving resume targets."""
 
 import json
+import os
 import time
+from dataclasses import dataclass
 
 import fsspec
 
@@ -35,20 +37,38 @@ def read_run_info(run_dir: str) -> dict | None:
         return json.load(f)
 
 
-def resolve(target: str, cfg: LmforgeConfig) -> tuple[str, str | None]:
-    """Turn a run dir, a checkpoint dir or an MLflow run id into (run_dir, latest complete checkpoint)."""
+@dataclass
+class Target:
+    run_dir: str
+    checkpoint: str | None  # the named checkpoint, else the run's newest complete one
+    named: bool  # a checkpoint directory was named, rather than a run
+    rejected: list[tuple[str, str]]  # the run's checkpoint directories that are not complete, and why
+
+
+def absolute(target: str) -> str:
+    """A relative local path means one under the user's working directory, wherever it is used later (a Ray
+    worker runs elsewhere); URIs and MLflow run ids stay as they are."""
+    return target if "://" in target or not os.path.exists(target) else os.path.abspath(target)
+
+
+def resolve(target: str, cfg: LmforgeConfig, checksums: bool = False) -> Target:
+    """Turn a run dir, a checkpoint dir or an MLflow run id into the run and the checkpoint to use."""
+    target = absolute(target).rstrip("/")
     fs, path = fsspec.core.url_to_fs(target)
     if fs.exists(path):
-        if fs.exists(f"{path}/{checkpoint.MARKER}"):
-            if not checkpoint.is_complete(target):
-                raise LmforgeError(f"checkpoint {target} is incomplete (a save was interrupted); "
-                                   "use an earlier checkpoint or the run directory")
-            return target.rstrip("/").rsplit("/", 1)[0], target
-        if read_run_info(target) is not None or checkpoint.list_checkpoints(target):
-            return target.rstrip("/"), checkpoint.latest_checkpoint(target)
+        if fs.exists(f"{path}/{checkpoint.MARKER}") or path.rsplit("/", 1)[-1].startswith("checkpoint_"):
+            marker, why = checkpoint.inspect(target, checksums)
+            if marker is None:
+                raise LmforgeError(f"checkpoint {target} cannot be used: {why}; name an earlier checkpoint, or the "
+                                   "run directory to use its newest complete one")
+            return Target(target.rsplit("/", 1)[0], target, True, [])
+        found = checkpoint.scan(target, checksums)
+        if read_run_info(target) is not None or found.complete or found.rejected:
+            return Target(target, found.latest(), False, found.rejected)
         raise LmforgeError(f"{target} is neither an lmforge run directory nor a checkpoint directory")
     run_dir = _run_dir_from_mlflow(target, cfg)
-    return run_dir, checkpoint.latest_checkpoint(run_dir)
+    found = checkpoint.scan(run_dir, checksums)
+    return Target(run_dir, found.latest(), False, found.rejected)
 
 
 def _run_dir_from_mlflow(run_id: str, cfg: LmforgeConfig) -> str:

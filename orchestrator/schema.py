@@ -40,8 +40,9 @@ class HardwareConfig:
     # The embedded local cluster's Ray dashboard, on 127.0.0.1 only. Off by default: on a small machine its
     # processes take CPU from the workers. Clusters given with --address keep their own setting.
     ray_dashboard: bool = False
-    # Peak dense FLOP/s of one worker's device, for MFU. H100 SXM bf16 is 989e12; a CPU core is a guess.
-    peak_flops_per_worker: float = 1.0e11
+    # Peak dense FLOP/s of one worker's device, for MFU (H100 SXM bf16: 989e12). Null: no MFU is reported,
+    # as for CPUs, whose peak depends on the core, its vector units and its clock.
+    peak_flops_per_worker: float | None = None
 
     def validate(self, at: str = "hardware") -> None:
         require(self.workers >= 1, f"{at}.workers", self.workers, "an integer >= 1")
@@ -67,8 +68,8 @@ class HardwareConfig:
                 "a local directory when offloading to nvme")
         require(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                 f"{at}.placement_strategy", self.placement_strategy, "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
-        require(self.peak_flops_per_worker > 0, f"{at}.peak_flops_per_worker", self.peak_flops_per_worker,
-                "a number > 0")
+        require(self.peak_flops_per_worker is None or self.peak_flops_per_worker > 0,
+                f"{at}.peak_flops_per_worker", self.peak_flops_per_worker, "null or a number > 0")
 
 
 @dataclass
@@ -113,6 +114,9 @@ class CheckpointConfig:
     every: int = 100  # optimizer steps; a checkpoint is always written at the end
     keep_last: int = 3
     storage: str | None = None  # any fsspec URI (s3://, gs://, a shared path); default under paths.root
+    # Resume always checks that every file of a checkpoint is present at the size its marker records; this
+    # also reads every byte back to compare checksums (slow on object storage, catches silent corruption).
+    verify: bool = False
 
     def validate(self, at: str = "checkpoint") -> None:
         require(self.every >= 1, f"{at}.every", self.every, "an integer >= 1")
@@ -164,6 +168,14 @@ class LmforgeConfig:
         require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
                 f"an integer <= model.max_seq_len={self.model.max_seq_len}")
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        hw, tr = self.hardware, self.trainer
+        global_batch = tr.micro_batch_size * tr.gradient_accumulation_steps * hw.workers
+        # An elastic run keeps its global batch by gradient accumulation on whatever worker count Ray gives
+        # it; the smallest must allow that (a count in between that does not is refused when it happens).
+        if hw.min_workers:
+            require(global_batch % (tr.micro_batch_size * hw.min_workers) == 0, "hardware.min_workers",
+                    hw.min_workers, f"a worker count on which the global batch of {global_batch} sequences "
+                    f"(hardware.workers={hw.workers}) splits into micro-batches of {tr.micro_batch_size}")
         require(not self.trainer.skip_nonfinite_steps or self.hardware.precision == "bf16",
                 "trainer.skip_nonfinite_steps", True, "false unless hardware.precision=bf16 (fp16 always skips "
                 "them for its loss scaling; fp32 cannot)")

@@ -227,3 +227,29 @@ def finish_run(cfg: TrackingConfig, root: str, run_id: str | None, status: str) 
         log.warning("could not mark MLflow run %s %s at %s (%s); it will show as RUNNING", run_id, status,
                     redact_value(tracking_uri(cfg, root)), redact_value(str(error))[:300])
         return False
+
+
+def run_status(cfg: TrackingConfig, root: str, run_id: str) -> str | None:
+    """The run's status now (FINISHED, FAILED, KILLED, RUNNING), or None when it cannot be read."""
+    if cfg.backend == "none":
+        return None
+    try:
+        return connect(cfg, root).get_run(run_id).info.status
+    except Exception:  # start_run reports an unreachable server or a missing run properly
+        return None
+
+
+def restore_status(cfg: TrackingConfig, root: str, run_id: str | None, status: str) -> None:
+    """Put a reopened run back to the status it had before this attempt. Never raises: it runs while
+    handling a failed start."""
+    if cfg.backend == "none" or not run_id:
+        return
+    try:
+        client = connect(cfg, root)
+        if status in STATUSES:
+            with_retries(lambda: client.set_terminated(run_id, status), 2 * cfg.request_timeout_s)
+        else:
+            with_retries(lambda: client.update_run(run_id, status=status), 2 * cfg.request_timeout_s)
+    except Exception as error:
+        log.warning("could not return MLflow run %s to %s at %s (%s)", run_id, status,
+                    redact_value(tracking_uri(cfg, root)), redact_value(str(error))[:300])

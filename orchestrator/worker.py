@@ -2,6 +2,7 @@
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch.distributed as dist
 
 from common.errors import LmforgeError
 from data.loader import ResumableLoader, eval_plan
-from data.prepared import open_split, open_tokenizer
+from data.prepared import open_split, open_tokenizer, read_vocabulary
 from model.gpt import build_model
 from model.objectives import get_objective
 from orchestrator import checkpoint
@@ -19,6 +20,7 @@ from orchestrator.config import from_dict, to_dict
 from orchestrator.engine import build_engine
 from orchestrator.metrics import StepMeter
 from orchestrator.quiet import silence_loggers
+from orchestrator.redact import redact_config
 from orchestrator.tracker import RunTracker
 
 
@@ -30,30 +32,50 @@ def train_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     tr = cfg.trainer
+    # The global batch is what the user configured for hardware.workers; on fewer or more workers (a resume
+    # elsewhere, an elastic run) gradient accumulation changes to keep it.
+    tr.gradient_accumulation_steps = accumulation_steps(cfg, world_size)
     checkpoint.remove_orphaned_staging()
+    progress = loop_config.get("progress")
 
-    tokenizer = open_tokenizer(loop_config["prepared"])
-    model = build_model(cfg.model, tokenizer, cfg.seed)
+    tokenizer = open_tokenizer(loop_config["prepared"])  # None for token files prepared without one
+    vocab = read_vocabulary(loop_config["prepared"])
+    model = build_model(cfg.model, vocab.size, cfg.seed, vocab.bos_id, vocab.eos_id, vocab.pad_id)
     num_params = sum(p.numel() for p in model.parameters())
     startup["model_built"] = time.time()
-    resume_from = restore_source(loop_config)
-    reshard = resume_from is not None and checkpoint.read_marker(resume_from)["world_size"] != world_size
+    resume_from, saved_world_size = choose_checkpoint(loop_config, cfg, rank, progress)
+    reshard = resume_from is not None and saved_world_size != world_size
     engine = build_engine(model, cfg, world_size, load_universal=reshard)
     startup["deepspeed_ready"] = time.time()
     objective = get_objective(cfg.objective.name)
-    pad_id = tokenizer.pad_token_id
+    pad_id = vocab.pad_id  # only fills padded positions; the collator masks padding by sample length
     loader = ResumableLoader(open_split(loop_config["prepared"], "train"), tr.micro_batch_size, rank,
                              world_size, cfg.seed, cfg.data.shuffle)
+    data_identity = checkpoint.data_identity(loop_config["prepared"], cfg.data.shuffle)
 
     step = 0
     if resume_from is not None:
         with ray.train.Checkpoint(resume_from).as_directory() as local:
             restored = checkpoint.restore(engine, Path(local), rank, reshard)
         step = restored.step
+        checkpoint.check_same_data(restored.loader_state, data_identity, resume_from)
         loader.load_state_dict(restored.loader_state)
+    if os.environ.get(TRACE_SAMPLES_ENV):
+        trace_samples(loader, Path(os.environ[TRACE_SAMPLES_ENV]) / f"rank{rank}.txt")
 
     tracker = RunTracker(cfg.tracking, cfg.paths.root, loop_config["mlflow_run_id"]) if rank == 0 else None
-    progress = loop_config.get("progress")
+    try:
+        train_steps(engine, loader, objective, cfg, rank, world_size, step, tracker, progress, loop_config,
+                    tokenizer, pad_id, meter_args=(num_params, startup), data_identity=data_identity)
+    finally:  # the metric sender flushes and closes however the loop ends
+        if tracker is not None:
+            tracker.close()
+
+
+def train_steps(engine, loader, objective, cfg, rank: int, world_size: int, step: int, tracker, progress,
+                loop_config: dict, tokenizer, pad_id, meter_args: tuple, data_identity: dict) -> None:
+    tr = cfg.trainer
+    num_params, startup = meter_args
     tokens_per_step = tr.micro_batch_size * tr.gradient_accumulation_steps * world_size * cfg.data.seq_len
     meter = StepMeter(tokens_per_step, num_params, cfg.model, cfg.data.seq_len,
                       cfg.hardware.peak_flops_per_worker, world_size)
@@ -77,8 +99,11 @@ def train_loop(loop_config: dict) -> None:
             norm = engine.get_global_grad_norm()  # None where DeepSpeed computed none
             last = {"train/loss": mean_over_ranks(loss_sum, tr.gradient_accumulation_steps),
                     "train/lr": engine.get_lr()[0], "train/grad_norm": float("nan") if norm is None else float(norm)}
+            # Without a gradient norm (ZeRO-0 without clipping) a finite loss says nothing of the update just
+            # applied, so a step that saves looks at the weights themselves before they reach a checkpoint.
+            weights_ok = norm is not None or not save_due or weights_finite(engine)
             diverged = None if engine_skips_nonfinite(cfg) else divergence(
-                last["train/loss"], norm, step, loop_config["run_dir"])
+                last["train/loss"], norm, step, loop_config["run_dir"], weights_ok)
         meter.stop()
         if rank == 0 and progress is not None and first_step:
             progress.put({"event": "first_step", "time": time.time(), "startup": startup})
@@ -93,21 +118,68 @@ def train_loop(loop_config: dict) -> None:
         if log_due or eval_due:
             publish(rank, tracker, progress, last, step)
         if save_due:
-            save_and_report(engine, step, rank, world_size, loader, last, cfg, tracker, loop_config["run_dir"],
-                            tokenizer)
-    if tracker is not None:
-        tracker.close()
+            save_and_report(engine, step, rank, world_size, loader.state_dict() | {"data": data_identity}, last,
+                            cfg, tracker, loop_config["run_dir"], tokenizer)
 
 
-def restore_source(loop_config: dict) -> str | None:
-    """The checkpoint to start from: the run's newest complete one (after a worker failure, or when resuming
-    the run itself), else the one `resume=` named. Ray's own notion of the latest checkpoint can lag a save
-    that every rank finished, so lmforge's completeness marker decides."""
-    latest = checkpoint.latest_checkpoint(loop_config["run_dir"])
-    explicit = loop_config.get("resume_from")
-    if latest is None or (explicit and checkpoint.read_marker(explicit)["step"] > checkpoint.read_marker(latest)["step"]):
+def choose_checkpoint(loop_config: dict, cfg, rank: int, progress) -> tuple[str | None, int | None]:
+    """(checkpoint to start from, the world size that wrote it). Rank 0 lists storage and decides; the other
+    ranks follow, so no two ranks can see different listings of an object store and disagree."""
+    choice = [None, None]
+    if rank == 0:
+        choice[0] = restore_source(loop_config, cfg, progress)
+        choice[1] = checkpoint.read_marker(choice[0])["world_size"] if choice[0] else None
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0], choice[1]
+
+
+def restore_source(loop_config: dict, cfg, progress) -> str | None:
+    """The run's newest complete checkpoint (after a worker failure, or when resuming the run itself), else
+    the one `resume=` named. Directories that are not complete checkpoints (a save interrupted by this
+    failure) are removed, saying why, so that step is later saved again into an empty directory."""
+    found = checkpoint.scan(loop_config["run_dir"], checksums=cfg.checkpoint.verify)
+    checkpoint.remove_rejected(found, lambda line: notify(progress, line))
+    latest, explicit = found.latest(), loop_config.get("resume_from")
+    if latest is None or (explicit and checkpoint.step_of(explicit) > checkpoint.step_of(latest)):
         return explicit
     return latest
+
+
+def accumulation_steps(cfg, world_size: int) -> int:
+    """Gradient accumulation that keeps the configured global batch on `world_size` workers."""
+    tr = cfg.trainer
+    global_batch = tr.micro_batch_size * tr.gradient_accumulation_steps * cfg.hardware.workers
+    if global_batch % (tr.micro_batch_size * world_size):
+        raise LmforgeError(f"the global batch of {global_batch} sequences (trainer.micro_batch_size="
+                           f"{tr.micro_batch_size} x trainer.gradient_accumulation_steps="
+                           f"{tr.gradient_accumulation_steps} x hardware.workers={cfg.hardware.workers}) cannot "
+                           f"be kept on {world_size} workers; choose a micro_batch_size that divides it")
+    return global_batch // (tr.micro_batch_size * world_size)
+
+
+def notify(progress, line: str) -> None:
+    """One line for the user at the driver's console (printed here when no driver follows the run)."""
+    if progress is not None:
+        progress.put({"event": "notice", "message": line})
+    else:
+        print(f"lmforge: {line}", file=sys.stderr)
+
+
+TRACE_SAMPLES_ENV = "LMFORGE_TRACE_SAMPLES"  # test hook: a directory; each rank appends its sample ids
+
+
+def trace_samples(loader: ResumableLoader, path: Path) -> None:
+    """Record the global sample ids this rank trains on, one micro-batch per line."""
+    take = loader.next_batch
+
+    def traced():
+        ids = loader.sample_ids(loader.position + loader.rank * loader.micro_batch_size, loader.micro_batch_size)
+        with open(path, "a") as f:
+            f.write(" ".join(map(str, ids.tolist())) + "\n")
+        return take()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    loader.next_batch = traced
 
 
 def train_step(engine, loader: ResumableLoader, objective, accumulation: int, pad_id: int) -> torch.Tensor:
@@ -146,12 +218,12 @@ def engine_skips_nonfinite(cfg) -> bool:
     return cfg.hardware.precision == "fp16" or cfg.trainer.skip_nonfinite_steps
 
 
-def divergence(loss: float, norm, step: int, run_dir: str) -> str | None:
-    """What to tell the user if the loss or gradients went inf/NaN, else None. The update is already applied,
-    so every later step and checkpoint would inherit it; every step that saves checks first. `norm` is None
-    where DeepSpeed computed none (no clipping without ZeRO)."""
+def divergence(loss: float, norm, step: int, run_dir: str, weights_ok: bool = True) -> str | None:
+    """What to tell the user if the loss, gradients or weights went inf/NaN, else None. The update is already
+    applied, so every later step and checkpoint would inherit it; every step that saves checks first. `norm`
+    is None where DeepSpeed computed none (no clipping without ZeRO)."""
     values = {"train/loss": loss} | ({"train/grad_norm": float(norm)} if norm is not None else {})
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)} | ({} if weights_ok else {"weights": "inf/nan"})
     if not bad:
         return None
     latest = checkpoint.latest_checkpoint(run_dir)
@@ -160,6 +232,12 @@ def divergence(loss: float, norm, step: int, run_dir: str) -> str | None:
                "trainer.warmup_steps" if latest else "No checkpoint was written; lower trainer.lr or raise "
                "trainer.warmup_steps")
             + ", or set trainer.skip_nonfinite_steps=true (bf16) to have DeepSpeed skip such steps.")
+
+
+def weights_finite(engine) -> bool:
+    """Whether every weight is finite: one reduction and one read, for steps that save without a grad norm."""
+    sums = torch.stack([p.detach().float().sum() for p in engine.module.parameters()])
+    return bool(torch.isfinite(sums.sum()))
 
 
 def stop_diverged(rank: int, tracker, progress, metrics: dict, step: int, message: str) -> None:
@@ -196,14 +274,26 @@ def publish(rank: int, tracker, progress, metrics: dict, step: int) -> None:
         progress.put({"event": "metrics", "step": step, **metrics})
 
 
-def save_and_report(engine, step: int, rank: int, world_size: int, loader: ResumableLoader, metrics: dict,
-                    cfg, tracker, run_dir: str, tokenizer) -> None:
-    """Every rank saves and reports its shards; Ray persists them all into one checkpoint directory."""
+def save_and_report(engine, step: int, rank: int, world_size: int, loader_state: dict, metrics: dict, cfg,
+                    tracker, run_dir: str, tokenizer) -> None:
+    """Every rank saves its shards and Ray uploads them; once every upload has returned, rank 0 commits the
+    checkpoint by writing its marker into storage, then prunes old checkpoints."""
+    uri = f"{run_dir}/{checkpoint.dir_name(step)}"
     with checkpoint.staging_dir() as local:
-        checkpoint.save_shards(engine, Path(local), step, rank, world_size, loader.state_dict(), metrics,
-                               to_dict(cfg), tokenizer)
+        mine = checkpoint.save_shards(engine, Path(local), step, rank, tokenizer)
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, mine)
         ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(local),
-                         checkpoint_dir_name=checkpoint.dir_name(step))
-    if rank == 0:
-        uri = f"{run_dir}/{checkpoint.dir_name(step)}"
-        tracker.log_checkpoint(step, uri, checkpoint.directory_size(uri), metrics)
+                         checkpoint_dir_name=checkpoint.dir_name(step),
+                         checkpoint_upload_fn=checkpoint.torn_upload_fault(step, rank, world_size, uri))
+    # A rank's report returns once its own upload has; past this barrier, every rank's files are in storage.
+    # A rank that died mid-upload never arrives, so no marker is written for a torn checkpoint.
+    dist.barrier()
+    if rank != 0:
+        return
+    checkpoint.crash_before_commit(step)
+    files = {name: digest for rank_files in everyone for name, digest in rank_files.items()}
+    checkpoint.commit(uri, {"format": 2, "step": step, "world_size": world_size, "loader": loader_state,
+                            "metrics": metrics, "config": redact_config(to_dict(cfg)), "files": files})
+    checkpoint.prune(run_dir, cfg.checkpoint.keep_last, step)
+    tracker.log_checkpoint(step, uri, sum(f["size"] for f in files.values()), metrics)

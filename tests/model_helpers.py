@@ -1,4 +1,4 @@
-"""Model helpers for tests: a stand-in tokenizer, and scoring an exported run with plain transformers."""
+"""Model helpers for tests: scoring an exported run with plain transformers."""
 
 import numpy as np
 import torch
@@ -8,17 +8,6 @@ from data.prepared import open_split
 from orchestrator.checkpoint import read_marker
 from orchestrator.config import load_config
 from orchestrator.runs import read_run_info
-
-
-class StubTokenizer:
-    bos_token_id = eos_token_id = 0
-    pad_token_id = 1
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def __len__(self):
-        return self.vocab_size
 
 
 def exported_val_loss(home, result, tmp_path) -> float:

@@ -24,7 +24,15 @@ from run_helpers import losses, restored_steps
 
 from common.errors import LmforgeError
 from data.prepared import prepare_training_data, read_meta
-from orchestrator.checkpoint import FAULT_ENV, is_complete, latest_checkpoint, list_checkpoints, read_marker
+from orchestrator.checkpoint import (
+    FAULT_ENV,
+    TORN_UPLOAD_ENV,
+    complete_marker,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    read_marker,
+)
 from orchestrator.config import load_config
 from orchestrator.launcher import train
 from orchestrator.runs import read_run_info
@@ -158,22 +166,114 @@ def test_export_round_trip_gives_training_val_loss(home, baseline, tmp_path):
     assert exported_val_loss(home, baseline, tmp_path) == pytest.approx(baseline.metrics["val/loss"], abs=1e-4)
 
 
-def test_resume_on_fewer_workers_continues_from_the_checkpoint(home, baseline):
-    """2 workers -> 1: DeepSpeed state is resharded through a universal checkpoint and training carries on."""
+def copy_run(baseline, name: str) -> str:
+    """A copy of the baseline run under another name, with an MLflow run of its own."""
     import shutil
 
-    run_dir = f"{home}/runs/shrunk"
+    run_dir = f"{Path(baseline.run_dir).parent}/{name}"
     shutil.copytree(baseline.run_dir, run_dir)
     info = read_run_info(run_dir)
-    info["run_name"], info["mlflow_run_id"] = "shrunk", None  # its own MLflow run
+    info["run_name"], info["mlflow_run_id"] = name, None
     (Path(run_dir) / "lmforge_run.json").write_text(json.dumps(info))
-    resumed = run(home, [f"resume={run_dir}", "hardware.workers=1", "trainer.max_steps=28"])
-    assert read_marker(resumed.checkpoint)["world_size"] == 1
-    before, after = losses(home, baseline.mlflow_run_id), losses(home, resumed.mlflow_run_id)
-    # A fresh model would start near ln(vocab) = 6.2; a resumed one continues where step 24 left off.
+    return run_dir
+
+
+def test_resume_on_fewer_workers_continues_with_the_next_samples_and_the_same_global_batch(home, baseline):
+    """2 workers -> 1: DeepSpeed state is resharded through a universal checkpoint, gradient accumulation
+    doubles so the global batch stays 64 sequences, and the one worker trains exactly the samples that come
+    next in the epoch: none repeated, none skipped."""
+    from data.loader import ResumableLoader
+    from data.prepared import open_split
+    from orchestrator.worker import TRACE_SAMPLES_ENV
+
+    run_dir = copy_run(baseline, "shrunk")
+    trace = Path(home) / "trace-shrunk"
+    resumed = run(home, [f"resume={run_dir}", "hardware.workers=1", "trainer.max_steps=28"],
+                  worker_env={TRACE_SAMPLES_ENV: str(trace)})
+    marker, before = read_marker(resumed.checkpoint), read_marker(baseline.checkpoint)
+    assert marker["world_size"] == 1 and marker["config"]["trainer"]["gradient_accumulation_steps"] == 16
+    assert marker["loader"]["position"] - before["loader"]["position"] == 4 * 64, "4 steps of 64 sequences"
+    trained = [int(i) for i in (trace / "rank0.txt").read_text().split()]
+    store = open_split(read_run_info(run_dir)["prepared"], "train")
+    order = ResumableLoader(store, 4, 0, 1, seed=1234)
+    start = before["loader"]["position"]
+    assert trained == order.sample_ids(start, 256).tolist()
+    epoch_start = start - start % len(store)
+    seen_this_epoch = set(order.sample_ids(epoch_start, start - epoch_start).tolist())
+    assert len(set(trained)) == 256 and not seen_this_epoch & set(trained), "a sample repeated within the epoch"
+    after = losses(home, resumed.mlflow_run_id)
     assert sorted(after) == [25, 26, 27, 28]
-    assert abs(after[25] - before[24]) < 0.15, (before, after)
-    assert read_marker(resumed.checkpoint)["loader"]["position"] > read_marker(baseline.checkpoint)["loader"]["position"]
+    assert abs(after[25] - losses(home, baseline.mlflow_run_id)[24]) < 0.15
+
+
+def test_torn_newest_checkpoint_is_skipped_by_export_and_resume(home, baseline, tmp_path, capfd):
+    """A shard of the newest checkpoint is cut short after its marker was written (storage lost bytes):
+    export and resume both use the checkpoint before it and say why, and training saves that step again."""
+    from orchestrator.export import export
+
+    run_dir = copy_run(baseline, "torn")
+    newest = Path(run_dir) / "checkpoint_00000024"
+    shard = max((p for p in (newest / "ds").iterdir()), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    out = export(run_dir, str(tmp_path / "hf"), load_config([f"paths.root={home}"]))
+    assert json.loads((out / "lmforge_export.json").read_text())["step"] == 16
+    err = capfd.readouterr().err
+    assert f"skipping checkpoint {newest}" in err and "a torn upload" in err, err
+
+    resumed = run(home, [f"resume={run_dir}"])
+    assert restored_steps(home, resumed.mlflow_run_id) == [16]
+    assert "skipping checkpoint" in capfd.readouterr().err
+    assert complete_marker(str(newest), checksums=True), "step 24 is saved again, whole"
+    expected, actual = losses(home, baseline.mlflow_run_id), losses(home, resumed.mlflow_run_id)
+    np.testing.assert_allclose([actual[s] for s in range(17, 25)], [expected[s] for s in range(17, 25)],
+                               rtol=0, atol=1e-6)
+
+
+def test_rank_killed_mid_upload_never_leaves_a_checkpoint_resume_selects(home, baseline, tmp_path):
+    """The last rank writes half of a shard into storage, under its real name, and dies: Ray restarts the
+    workers, which must resume step 8, not the torn step 16, and reproduce the uninterrupted losses."""
+    fault = {TORN_UPLOAD_ENV: f"16:{tmp_path}/torn-once"}
+    result = run(home, RUN + ["run_name=torn-upload"], worker_env=fault)
+    assert (tmp_path / "torn-once").exists(), "the fault never fired"
+    assert restored_steps(home, result.mlflow_run_id) == [8]
+    assert [step for step, _ in list_checkpoints(result.run_dir, checksums=True)] == [16, 24]
+    expected, actual = losses(home, baseline.mlflow_run_id), losses(home, result.mlflow_run_id)
+    np.testing.assert_allclose([actual[s] for s in range(1, 25)], [expected[s] for s in range(1, 25)],
+                               rtol=0, atol=1e-6)
+
+
+def test_resume_from_an_older_checkpoint_forks_from_that_step(home, baseline):
+    older = f"{baseline.run_dir}/checkpoint_00000016"
+    forked = run(home, [f"resume={older}"])
+    assert forked.run_name == "baseline-from16" and forked.run_dir != baseline.run_dir
+    assert read_run_info(forked.run_dir)["parent"]["checkpoint"] == older
+    assert restored_steps(home, forked.mlflow_run_id) == [16]
+    expected, actual = losses(home, baseline.mlflow_run_id), losses(home, forked.mlflow_run_id)
+    assert sorted(actual) == list(range(17, 25))
+    np.testing.assert_allclose([actual[s] for s in range(17, 25)], [expected[s] for s in range(17, 25)],
+                               rtol=0, atol=1e-6)
+    assert [step for step, _ in list_checkpoints(baseline.run_dir)] == [16, 24], "the original is untouched"
+    client = MlflowClient(tracking_uri(load_config([f"paths.root={home}"]).tracking, str(home)))
+    assert client.get_run(forked.mlflow_run_id).data.tags["mlflow.parentRunId"] == baseline.mlflow_run_id
+
+
+def test_resume_with_data_shuffle_flipped_is_refused(home, baseline):
+    with pytest.raises(LmforgeError, match="data.shuffle was True, now False"):
+        run(home, [f"resume={baseline.run_dir}", "trainer.max_steps=30", "data.shuffle=false"])
+
+
+def test_deleted_newest_checkpoint_resumes_from_the_one_before(home):
+    """Deleting a checkpoint by hand leaves Ray's checkpoint-manager snapshot naming it; lmforge's markers
+    decide what exists, so the resume continues from the previous checkpoint."""
+    import shutil
+
+    first = run(home, ["experiment=smoke", "trainer.max_steps=6", "checkpoint.every=3", "trainer.log_every=1",
+                       "run_name=deleted"])
+    shutil.rmtree(first.checkpoint)
+    resumed = run(home, [f"resume={first.run_dir}"])
+    assert restored_steps(home, first.mlflow_run_id) == [3]
+    assert resumed.checkpoint.endswith("checkpoint_00000006")
 
 
 def test_zero3_resume_on_fewer_workers(home):
