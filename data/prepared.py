@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.errors import LmforgeError
+from common.processes import pid_alive
 from data.config import DataConfig
 from data.shards import ShardStore, verify_shards
 from data.sources import expand_paths, is_remote
@@ -74,6 +75,7 @@ def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: 
         return out
     from data.pipeline import build
 
+    remove_abandoned(out.parent)
     engine = engine or choose_engine(cfg)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -93,6 +95,18 @@ def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: 
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def remove_abandoned(base: Path) -> list[Path]:
+    """Remove `<name>.tmp-<pid>` directories whose preparing process is gone (killed mid-prepare): each can
+    hold a corpus-sized copy. A live process's directory is left alone."""
+    removed = []
+    for path in base.glob("*.tmp-*") if base.is_dir() else []:
+        pid = path.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def shard_dtype(vocab_size: int) -> str:

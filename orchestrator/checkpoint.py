@@ -27,6 +27,7 @@ import fsspec
 import numpy as np
 
 from common.errors import LmforgeError
+from common.processes import pid_alive
 from orchestrator.quiet import muted
 
 MARKER = "lmforge_checkpoint.json"
@@ -66,20 +67,10 @@ def remove_orphaned_staging(root: str | None = None) -> list[str]:
     removed = []
     for path in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
         pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(str(path))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def rng_state() -> dict:

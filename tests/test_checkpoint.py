@@ -174,3 +174,19 @@ def test_a_worker_user_error_is_not_retried():
     assert policy.make_decision(bad_data) == FailureDecision.RAISE
     crash = WorkerGroupError("worker failed", {1: RuntimeError("connection reset")})
     assert policy.make_decision(crash) == FailureDecision.RETRY
+
+
+def test_prepared_data_left_half_written_by_a_killed_process_is_removed(tmp_path):
+    from data.prepared import remove_abandoned
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    abandoned = tmp_path / f"pydoc-0123.tmp-{dead}"
+    (abandoned / "train-000000.tar").parent.mkdir(parents=True)
+    (abandoned / "train-000000.tar").write_bytes(b"x" * 1024)
+    import os
+
+    live = tmp_path / f"pydoc-4567.tmp-{os.getpid()}"
+    live.mkdir()
+    assert remove_abandoned(tmp_path) == [abandoned]
+    assert not abandoned.exists() and live.is_dir()
