@@ -19,7 +19,7 @@ import ray
 from model_helpers import exported_val_loss
 from run_helpers import losses, restored_steps
 
-from orchestrator.checkpoint import FAULT_ENV, list_checkpoints, read_marker
+from orchestrator.checkpoint import FAULT_ENV, TORN_UPLOAD_ENV, list_checkpoints, read_marker
 from orchestrator.config import load_config
 from orchestrator.launcher import train
 
@@ -71,8 +71,25 @@ def run(home, overrides, worker_env=None):
     return train(load_config(overrides), overrides, worker_env=worker_env)
 
 
-def test_run_in_s3_survives_a_crash_mid_save_with_identical_losses(home, tmp_path):
-    baseline = run(home, RUN + ["run_name=local"])
+@pytest.fixture(scope="module")
+def baseline(home):
+    return run(home, RUN + ["run_name=local"])
+
+
+def test_rank_killed_mid_upload_to_s3_never_leaves_a_checkpoint_resume_selects(home, baseline, tmp_path):
+    """The last rank puts half of a shard into S3 under its real name and dies: no marker is ever written for
+    step 16, and the restarted workers resume step 8 from S3 with the uninterrupted losses."""
+    fault = {TORN_UPLOAD_ENV: f"16:{tmp_path}/torn-once"}
+    result = run(home, RUN + ["run_name=torn-in-s3", f"checkpoint.storage=s3://{BUCKET}/runs"], worker_env=fault)
+    assert (tmp_path / "torn-once").exists(), "the fault never fired"
+    assert restored_steps(home, result.mlflow_run_id) == [8]
+    assert [step for step, _ in list_checkpoints(result.run_dir, checksums=True)] == [8, 16]
+    expected, actual = losses(home, baseline.mlflow_run_id), losses(home, result.mlflow_run_id)
+    np.testing.assert_allclose([actual[s] for s in range(1, 17)], [expected[s] for s in range(1, 17)],
+                               rtol=0, atol=1e-6)
+
+
+def test_run_in_s3_survives_a_crash_mid_save_with_identical_losses(home, baseline, tmp_path):
     fault = {FAULT_ENV: f"16:{tmp_path}/crashed-once"}  # rank 0 dies after the shards, before the marker
     result = run(home, RUN + ["run_name=in-s3", f"checkpoint.storage=s3://{BUCKET}/runs"], worker_env=fault)
 
