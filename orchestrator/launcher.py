@@ -50,6 +50,14 @@ def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str])
     """Join the cluster at `address` or RAY_ADDRESS, else start an embedded one; True if it was started here."""
     import psutil
     import ray
+    from ray._private import ray_constants
+    from ray._raylet import Config
+
+    def use_loopback_only() -> None:
+        os.environ.update(LOOPBACK_ONLY_ENV)
+        # Ray read that switch into a constant when it was imported (maybe before this call); the processes
+        # it starts read it from the environment.
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
     if ray.is_initialized():  # an embedding program (a test, a notebook) already chose the cluster
         return False
@@ -57,6 +65,14 @@ def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str])
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": worker_env}
     if address:
+        # Ray turns token authentication on by itself only for a cluster it finds, never for a named address.
+        if os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_MODE"):
+            os.environ["RAY_AUTH_MODE"] = "token"
+            Config.initialize("")  # Ray read its settings when it was imported; read RAY_AUTH_MODE again
+        if address.rpartition("://")[2].rpartition(":")[0].strip("[]") in ("127.0.0.1", "localhost", "::1"):
+            # A head on loopback (cluster/start-head.sh's default): otherwise Ray dials this machine's routable
+            # address instead, where nothing listens.
+            use_loopback_only()
         # A remote cluster gets this checkout as the job's working directory; the packages are top-level.
         runtime_env |= {"working_dir": str(REPO_ROOT), "excludes": SHIPPED_EXCLUDES}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose,
@@ -65,16 +81,12 @@ def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str])
     cpus = max(os.cpu_count() or 1, int(cfg.hardware.workers * cfg.hardware.cpus_per_worker) + 1)
     # A local cluster's workers inherit this process's environment; a runtime_env would only make Ray start
     # fresh worker processes through its runtime-env agent instead of the ones it pre-starts.
-    os.environ.update(worker_env | LOOPBACK_ONLY_ENV)
+    os.environ.update(worker_env)
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
+    use_loopback_only()
     if "lo" in psutil.net_if_addrs():  # Linux: gloo would listen on the address the host name resolves to
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    # Ray read that switch into a constant when it was imported (maybe before this call); its processes
-    # started below read it from the environment.
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", include_dashboard=cfg.hardware.ray_dashboard,
              log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR", _temp_dir=ray_temp_dir(cfg))
     return True
