@@ -290,10 +290,12 @@ def test_zero3_resume_on_fewer_workers(home):
 def test_resume_on_more_workers_continues_from_the_checkpoint(home):
     """1 worker -> 2: the ZeRO-2 optimizer state is split across more ranks through a universal checkpoint."""
     first = run(home, ["experiment=smoke", "trainer.max_steps=10", "checkpoint.every=10", "trainer.log_every=1",
-                       "hardware.workers=1", "run_name=zero2-grow"])
+                       "hardware.workers=1", "trainer.gradient_accumulation_steps=2", "run_name=zero2-grow"])
     assert read_marker(first.checkpoint)["world_size"] == 1
     resumed = run(home, [f"resume={first.run_dir}", "hardware.workers=2", "trainer.max_steps=12"])
     assert read_marker(resumed.checkpoint)["world_size"] == 2
+    # The global batch of 8 sequences stays: 2 workers x 4 sequences, no accumulation.
+    assert read_marker(resumed.checkpoint)["config"]["trainer"]["gradient_accumulation_steps"] == 1
     per_step = losses(home, first.mlflow_run_id)
     assert restored_steps(home, first.mlflow_run_id) == [10]
     assert sorted(per_step) == list(range(1, 13))
