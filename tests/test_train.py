@@ -206,6 +206,23 @@ def test_resume_on_fewer_workers_continues_with_the_next_samples_and_the_same_gl
     assert abs(after[25] - losses(home, baseline.mlflow_run_id)[24]) < 0.15
 
 
+def test_reshard_to_one_worker_keeps_master_weights_and_adam_moments_exactly(home, baseline):
+    """The 2-worker ZeRO-2 checkpoint loaded into a 1-worker engine, as a resume on fewer workers does: every
+    parameter's fp32 master weight and both Adam moments equal the checkpoint's shards consolidated."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = os.environ | {"PYTHONPATH": str(repo), "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run([sys.executable, str(repo / "tests" / "reshard_probe.py"), baseline.checkpoint,
+                          read_run_info(baseline.run_dir)["prepared"]], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["params"] > 0 and report["moments_nonzero"]
+    assert report["max_abs_diff"] == {"fp32": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+
+
 def test_torn_newest_checkpoint_is_skipped_by_export_and_resume(home, baseline, tmp_path, capfd):
     """A shard of the newest checkpoint is cut short after its marker was written (storage lost bytes):
     export and resume both use the checkpoint before it and say why, and training saves that step again."""
