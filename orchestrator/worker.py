@@ -31,6 +31,10 @@ def train_loop(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    if os.environ.get(TRACE_SAMPLES_ENV):  # test hook: how many times the worker group was started
+        Path(os.environ[TRACE_SAMPLES_ENV]).mkdir(parents=True, exist_ok=True)
+        with open(Path(os.environ[TRACE_SAMPLES_ENV]) / "starts.txt", "a") as f:
+            f.write(f"{rank}\n")
     tr = cfg.trainer
     # The global batch is what the user configured for hardware.workers; on fewer or more workers (a resume
     # elsewhere, an elastic run) gradient accumulation changes to keep it.
@@ -165,7 +169,7 @@ def notify(progress, line: str) -> None:
         print(f"lmforge: {line}", file=sys.stderr)
 
 
-TRACE_SAMPLES_ENV = "LMFORGE_TRACE_SAMPLES"  # test hook: a directory; each rank appends its sample ids
+TRACE_SAMPLES_ENV = "LMFORGE_TRACE_SAMPLES"  # test hook: a directory; ranks record their starts and sample ids
 
 
 def trace_samples(loader: ResumableLoader, path: Path) -> None:

@@ -92,3 +92,16 @@ def test_relative_resume_path_continues_in_the_run_own_directory(finished, tmp_p
     assert [step for step, _ in list_checkpoints(str(run_dir))] == [6, 8]
     assert f"mlflow run:  {run_id}" in out.stdout
     assert not (tmp_path / "elsewhere" / "runs").exists()
+
+
+def test_a_data_error_on_a_worker_ends_the_run_at_once_without_retries(tmp_path):
+    """A batch larger than the corpus is a user mistake that only a worker sees: with max_failures=3 the
+    workers start once, and the user gets the message, not a traceback."""
+    trace = tmp_path / "trace"
+    out = lmforge("train", "experiment=smoke", "trainer.micro_batch_size=100000", "trainer.max_failures=3",
+                  home=tmp_path / "home", extra_env={"LMFORGE_TRACE_SAMPLES": str(trace)})
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert re.search(r"lmforge: error: training failed: \d+ samples cannot fill one global batch", out.stderr), \
+        out.stderr[-2000:]
+    assert sorted((trace / "starts.txt").read_text().split()) == ["0", "1"], "the worker group started again"
