@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from common.errors import LmforgeError
+from common.raynet import use_loopback_only
 from data.clean import Cleaner
 from data.config import DataConfig
 from data.encode import encodings, to_ids, tokenize_table
@@ -124,6 +125,8 @@ def start_ray(worker_env: dict[str, str] | None = None) -> bool:
     if ray.is_initialized():
         return False
     verbose = os.environ.get("LMFORGE_VERBOSE") == "1"
+    if not os.environ.get("RAY_ADDRESS"):  # a cluster started just to tokenize stays on this machine
+        use_loopback_only()
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=verbose,
              logging_level="INFO" if verbose else "ERROR",
              runtime_env={"env_vars": forwarded_env(dict(os.environ), worker_env)})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import LmforgeError
+from common.raynet import use_loopback_only
 from data.prepared import prepare_training_data
 from orchestrator import checkpoint, resume, runs
 from orchestrator.checkpoint import latest_checkpoint
@@ -25,11 +26,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # 2 cores with 2 workers, this gave the workers a few percent more throughput (bench/RESULTS.md).
 LOCAL_CLUSTER_ENV = {"RAY_enable_metrics_collection": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-# Ray's local-only mode (its default on macOS and Windows): the node's address becomes 127.0.0.1, and with it
-# every Ray process binds there instead of on all interfaces: GCS, raylet, object manager, driver, workers,
-# agents, and the Prometheus endpoints of the autoscaler monitor and the dashboard process. ray.init() has
-# no argument for it (it turns _node_ip_address="127.0.0.1" back into the routable address).
-LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 SHIPPED_EXCLUDES = [".venv/", ".git/", "lmforge_runs/", "bench/", "tests/", "**/__pycache__/", "*.db"]
 
 
@@ -50,14 +46,7 @@ def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str])
     """Join the cluster at `address` or RAY_ADDRESS, else start an embedded one; True if it was started here."""
     import psutil
     import ray
-    from ray._private import ray_constants
     from ray._raylet import Config
-
-    def use_loopback_only() -> None:
-        os.environ.update(LOOPBACK_ONLY_ENV)
-        # Ray read that switch into a constant when it was imported (maybe before this call); the processes
-        # it starts read it from the environment.
-        ray_constants.ENABLE_RAY_CLUSTER = False
 
     if ray.is_initialized():  # an embedding program (a test, a notebook) already chose the cluster
         return False
