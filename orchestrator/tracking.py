@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from common.errors import LmforgeError
-from orchestrator.redact import REDACTED, is_secret_key, redact_value
+from orchestrator.redact import REDACTED, is_secret_key, redact_config, redact_value
 from orchestrator.schema import TrackingConfig
 
 log = logging.getLogger("lmforge.tracking")
@@ -52,10 +52,9 @@ def flatten_params(params: Mapping, prefix: str = "") -> dict[str, object]:
 def redact_params(params: Mapping) -> dict[str, str]:
     """Flatten, stringify, redact and truncate `params` into what MLflow may store."""
     out = {}
-    for key, value in flatten_params(params).items():
+    for key, value in redact_config(flatten_params(params)).items():  # the same masking as run files
         text = json.dumps(value, default=str) if isinstance(value, list | tuple | Mapping) else str(value)
-        secret = is_secret_key(key) and value not in (None, "")
-        out[safe_key(key)] = REDACTED if secret else redact_value(text)[:MAX_PARAM_LENGTH]
+        out[safe_key(key)] = text[:MAX_PARAM_LENGTH]
     return out
 
 
