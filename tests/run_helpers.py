@@ -22,3 +22,11 @@ def restored_steps(home, run_id) -> list[int]:
 
 def run_status(home, run_id) -> str:
     return _client(home).get_run(run_id).info.status
+
+
+def assert_same_losses(home, expected_run_id, actual_run_id, steps) -> None:
+    """The runs logged the same per-step training loss at every one of `steps`, to 1e-6."""
+    import numpy as np
+
+    expected, actual = losses(home, expected_run_id), losses(home, actual_run_id)
+    np.testing.assert_allclose([actual[s] for s in steps], [expected[s] for s in steps], rtol=0, atol=1e-6)

@@ -13,11 +13,10 @@ import sys
 import time
 
 import fsspec
-import numpy as np
 import pytest
 import ray
 from model_helpers import exported_val_loss
-from run_helpers import losses, restored_steps
+from run_helpers import assert_same_losses, losses, restored_steps
 
 from orchestrator.checkpoint import FAULT_ENV, TORN_UPLOAD_ENV, list_checkpoints, read_marker
 from orchestrator.config import load_config
@@ -84,9 +83,7 @@ def test_rank_killed_mid_upload_to_s3_never_leaves_a_checkpoint_resume_selects(h
     assert (tmp_path / "torn-once").exists(), "the fault never fired"
     assert restored_steps(home, result.mlflow_run_id) == [8]
     assert [step for step, _ in list_checkpoints(result.run_dir, checksums=True)] == [8, 16]
-    expected, actual = losses(home, baseline.mlflow_run_id), losses(home, result.mlflow_run_id)
-    np.testing.assert_allclose([actual[s] for s in range(1, 17)], [expected[s] for s in range(1, 17)],
-                               rtol=0, atol=1e-6)
+    assert_same_losses(home, baseline.mlflow_run_id, result.mlflow_run_id, range(1, 17))
 
 
 def test_run_in_s3_survives_a_crash_mid_save_with_identical_losses(home, baseline, tmp_path):
@@ -95,10 +92,8 @@ def test_run_in_s3_survives_a_crash_mid_save_with_identical_losses(home, baselin
 
     assert result.run_dir == f"s3://{BUCKET}/runs/in-s3"
     assert restored_steps(home, result.mlflow_run_id) == [8], "the restart must resume step 8 from S3"
-    expected, actual = losses(home, baseline.mlflow_run_id), losses(home, result.mlflow_run_id)
-    assert sorted(actual) == list(range(1, 17))
-    np.testing.assert_allclose([actual[s] for s in range(1, 17)], [expected[s] for s in range(1, 17)],
-                               rtol=0, atol=1e-6)
+    assert sorted(losses(home, result.mlflow_run_id)) == list(range(1, 17))
+    assert_same_losses(home, baseline.mlflow_run_id, result.mlflow_run_id, range(1, 17))
 
     assert [step for step, _ in list_checkpoints(result.run_dir)] == [8, 16]
     s3 = fsspec.filesystem("s3", skip_instance_cache=True)

@@ -20,7 +20,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from model_helpers import exported_val_loss
-from run_helpers import losses, restored_steps
+from run_helpers import assert_same_losses, losses, restored_steps
 
 from common.errors import LmforgeError
 from data.prepared import prepare_training_data, read_meta
@@ -242,9 +242,7 @@ def test_torn_newest_checkpoint_is_skipped_by_export_and_resume(home, baseline, 
     assert restored_steps(home, resumed.mlflow_run_id) == [16]
     assert "skipping checkpoint" in capfd.readouterr().err
     assert complete_marker(str(newest), checksums=True), "step 24 is saved again, whole"
-    expected, actual = losses(home, baseline.mlflow_run_id), losses(home, resumed.mlflow_run_id)
-    np.testing.assert_allclose([actual[s] for s in range(17, 25)], [expected[s] for s in range(17, 25)],
-                               rtol=0, atol=1e-6)
+    assert_same_losses(home, baseline.mlflow_run_id, resumed.mlflow_run_id, range(17, 25))
 
 
 def test_rank_killed_mid_upload_never_leaves_a_checkpoint_resume_selects(home, baseline, tmp_path):
@@ -255,9 +253,7 @@ def test_rank_killed_mid_upload_never_leaves_a_checkpoint_resume_selects(home, b
     assert (tmp_path / "torn-once").exists(), "the fault never fired"
     assert restored_steps(home, result.mlflow_run_id) == [8]
     assert [step for step, _ in list_checkpoints(result.run_dir, checksums=True)] == [16, 24]
-    expected, actual = losses(home, baseline.mlflow_run_id), losses(home, result.mlflow_run_id)
-    np.testing.assert_allclose([actual[s] for s in range(1, 25)], [expected[s] for s in range(1, 25)],
-                               rtol=0, atol=1e-6)
+    assert_same_losses(home, baseline.mlflow_run_id, result.mlflow_run_id, range(1, 25))
 
 
 def test_resume_from_an_older_checkpoint_forks_from_that_step(home, baseline):
@@ -266,10 +262,8 @@ def test_resume_from_an_older_checkpoint_forks_from_that_step(home, baseline):
     assert forked.run_name == "baseline-from16" and forked.run_dir != baseline.run_dir
     assert read_run_info(forked.run_dir)["parent"]["checkpoint"] == older
     assert restored_steps(home, forked.mlflow_run_id) == [16]
-    expected, actual = losses(home, baseline.mlflow_run_id), losses(home, forked.mlflow_run_id)
-    assert sorted(actual) == list(range(17, 25))
-    np.testing.assert_allclose([actual[s] for s in range(17, 25)], [expected[s] for s in range(17, 25)],
-                               rtol=0, atol=1e-6)
+    assert sorted(losses(home, forked.mlflow_run_id)) == list(range(17, 25))
+    assert_same_losses(home, baseline.mlflow_run_id, forked.mlflow_run_id, range(17, 25))
     assert [step for step, _ in list_checkpoints(baseline.run_dir)] == [16, 24], "the original is untouched"
     client = MlflowClient(tracking_uri(load_config([f"paths.root={home}"]).tracking, str(home)))
     assert client.get_run(forked.mlflow_run_id).data.tags["mlflow.parentRunId"] == baseline.mlflow_run_id
