@@ -237,7 +237,6 @@ def fit(cfg: LmforgeConfig, config_dict: dict, embedded: bool, prepared: str, ml
     """Run the workers under Ray Train while drawing their progress; the last metrics, plus "error" if
     trainer.fit raised."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
     from ray.util.queue import Queue
 
     from orchestrator.progress import DONE, follow
@@ -249,7 +248,7 @@ def fit(cfg: LmforgeConfig, config_dict: dict, embedded: bool, prepared: str, ml
         train_loop_config={"config": config_dict, "prepared": prepared, "mlflow_run_id": mlflow_run_id,
                            "run_dir": run_dir, "progress": events,
                            "resume_from": plan.checkpoint if plan is not None else None},
-        torch_config=TorchConfig(backend=hw.backend),
+        torch_config=torch_config_class(embedded)(backend=hw.backend),
         scaling_config=ScalingConfig(
             num_workers=(hw.min_workers, hw.workers) if hw.min_workers else hw.workers,
             use_gpu=hw.use_gpu, resources_per_worker={"CPU": hw.cpus_per_worker} | ({"GPU": 1} if hw.use_gpu else {}),
@@ -305,6 +304,17 @@ def trainer_class(embedded: bool):
             return super()._initialize_and_run_controller(**kwargs)
 
     return LeanTorchTrainer
+
+
+def torch_config_class(embedded: bool):
+    """Ray Train's TorchConfig; on the embedded cluster, one whose rendezvous store also stays on loopback."""
+    if embedded:
+        from orchestrator.loopback import LoopbackTorchConfig
+
+        return LoopbackTorchConfig
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig
 
 
 def import_trainer_modules() -> None:

@@ -12,7 +12,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-ALL_INTERFACES = {"0.0.0.0", "::"}
 
 pytestmark = pytest.mark.slow
 
@@ -57,17 +56,8 @@ def exposed(seen: dict[tuple[str, int], str]) -> list[str]:
     return sorted(f"{name} on {ip}:{port}" for (ip, port), name in seen.items() if ip not in LOOPBACK)
 
 
-def test_ray_processes_listen_on_loopback_only(listening):
-    """GCS, raylet, object manager, driver, workers, agents, dashboard, and the Prometheus endpoints."""
-    # Rank 0's torch.distributed store is the test below; every other socket of a training worker is Ray's.
-    torch_store = {key: name for key, name in listening.items()
-                   if "RayTrainWorker" in name and key[0] in ALL_INTERFACES}
-    assert len(torch_store) <= 1, torch_store
-    assert exposed({k: v for k, v in listening.items() if k not in torch_store}) == []
-
-
-@pytest.mark.xfail(strict=True, reason="torch's TCPStore (rank 0's process-group rendezvous, created by Ray "
-                   "Train from MASTER_ADDR/MASTER_PORT) binds to all interfaces; torch has no bind-address "
-                   "option, only master_listen_fd, which Ray Train's TorchConfig does not pass")
-def test_training_workers_listen_on_loopback_only(listening):
+def test_nothing_of_a_training_run_listens_beyond_loopback(listening):
+    """GCS, raylet, object manager, driver, workers, agents, dashboard, the Prometheus endpoints, and the
+    training workers' own sockets: rank 0's torch.distributed store and gloo's connections."""
+    assert any("RayTrainWorker" in name for name in listening.values()), "no training worker was sampled"
     assert exposed(listening) == []
