@@ -39,16 +39,20 @@ def load_trained(target: str, cfg: LmforgeConfig):
         state = consolidated_state_dict(local, saved.hardware.zero_stage)
         ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if tokenizer else ()
         model = build_model(saved.model, embedding_rows(state), saved.seed, *ids)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Strict but for weights the model ties to others: an untied head missing from the checkpoint would
-    # otherwise stay randomly initialised and export a model that only looks right.
-    tied = set(getattr(model, "_tied_weights_keys", None) or []) if model.config.tie_word_embeddings else set()
-    if unexpected or [k for k in missing if k not in tied]:
-        raise LmforgeError(f"checkpoint {ckpt} does not match model {saved.model.name}: "
-                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_weights(model, state, f"checkpoint {ckpt} does not match model {saved.model.name}")
     model.tie_weights()
     model.config.use_cache = True
     return model.eval(), tokenizer, marker
+
+
+def load_weights(model, state: dict, mismatch: str) -> None:
+    """Load strictly, but for weights the model ties to others: an untied head missing from the checkpoint
+    would otherwise stay randomly initialised and export a model that only looks right."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) if model.config.tie_word_embeddings else set()
+    if unexpected or [k for k in missing if k not in tied]:
+        raise LmforgeError(f"{mismatch}: missing {[k for k in missing if k not in tied][:5]}, "
+                           f"unexpected {unexpected[:5]}")
 
 
 def consolidated_state_dict(local: Path, zero_stage: int) -> dict[str, torch.Tensor]:

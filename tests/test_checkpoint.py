@@ -2,6 +2,7 @@
 complete, how a resume picks its data and config, and which worker errors are never retried."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,8 +105,6 @@ def test_pipe_source_from_a_run_file_never_runs_on_resume(tmp_path):
     run_dir = tmp_path / "runs" / "shared"
     canary = tmp_path / "canary"
     saved_run(run_dir, ["data=webdataset", f"data.paths=['pipe:touch {canary}']"])
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LMFORGE_"))}
     env["LMFORGE_HOME"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", f"resume={run_dir}"], cwd=REPO,
@@ -184,9 +183,50 @@ def test_prepared_data_left_half_written_by_a_killed_process_is_removed(tmp_path
     abandoned = tmp_path / f"pydoc-0123.tmp-{dead}"
     (abandoned / "train-000000.tar").parent.mkdir(parents=True)
     (abandoned / "train-000000.tar").write_bytes(b"x" * 1024)
-    import os
-
     live = tmp_path / f"pydoc-4567.tmp-{os.getpid()}"
     live.mkdir()
     assert remove_abandoned(tmp_path) == [abandoned]
     assert not abandoned.exists() and live.is_dir()
+
+
+def test_a_checkpoint_file_holding_code_is_refused_with_lmforge_own_message(tmp_path):
+    import pickle
+
+    import torch  # noqa: F401  (torch.load is what must refuse)
+
+    canary = tmp_path / "canary"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps({"module": Payload()}))
+    with pytest.raises(LmforgeError) as refused:
+        checkpoint.check_safe_to_load(tmp_path)
+    message = str(refused.value)
+    assert "corrupt or holds objects other than tensors" in message and "never unpickles" in message
+    assert "weights_only=False" not in message, "no advice to turn the protection off"
+    assert not canary.exists()
+
+
+def test_export_refuses_a_checkpoint_without_its_untied_head():
+    from model.config import ModelConfig
+    from model.gpt import build_model
+    from orchestrator.export import load_weights
+
+    untied = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=8, tie_embeddings=False), 64, 0)
+    state = {k: v for k, v in untied.state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(LmforgeError, match="missing \\['lm_head.weight'\\]"):
+        load_weights(untied, state, "checkpoint x does not match")
+    tied = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=8), 64, 0)
+    load_weights(tied, {k: v for k, v in tied.state_dict().items() if k != "lm_head.weight"}, "unused")
+
+
+def test_a_saving_step_without_a_grad_norm_checks_the_weights():
+    """ZeRO-0 without clipping has no gradient norm: a finite loss with non-finite weights is divergence."""
+    from orchestrator.worker import divergence
+
+    assert divergence(2.5, None, 10, "/nonexistent", weights_ok=True) is None
+    message = divergence(2.5, None, 10, "/nonexistent", weights_ok=False)
+    assert message and message.startswith("weights=inf/nan by step 10: training diverged")
