@@ -4,6 +4,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
@@ -24,6 +25,24 @@ from orchestrator.redact import redact_config
 from orchestrator.tracker import RunTracker
 
 
+@dataclass
+class Job:
+    """What every step of one rank's training needs, built once by train_loop."""
+    cfg: object
+    rank: int
+    world_size: int
+    engine: object
+    loader: ResumableLoader
+    objective: object
+    tokenizer: object  # None for token files prepared without one
+    pad_id: int | None  # only fills padded positions; the collator masks padding by sample length
+    tracker: RunTracker | None  # rank 0's MLflow sender
+    progress: object  # the driver's event queue, or None
+    run_dir: str
+    prepared: str
+    data_identity: dict  # what the loader's position means; saved with it
+
+
 def train_loop(loop_config: dict) -> None:
     startup = {"worker_started": time.time()}
     if os.environ.get("LMFORGE_VERBOSE") != "1":
@@ -31,19 +50,15 @@ def train_loop(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    if os.environ.get(TRACE_SAMPLES_ENV):  # test hook: how many times the worker group was started
-        Path(os.environ[TRACE_SAMPLES_ENV]).mkdir(parents=True, exist_ok=True)
-        with open(Path(os.environ[TRACE_SAMPLES_ENV]) / "starts.txt", "a") as f:
-            f.write(f"{rank}\n")
+    trace_start(rank)
     tr = cfg.trainer
     # The global batch is what the user configured for hardware.workers; on fewer or more workers (a resume
     # elsewhere, an elastic run) gradient accumulation changes to keep it.
     tr.gradient_accumulation_steps = accumulation_steps(cfg, world_size)
     checkpoint.remove_orphaned_staging()
-    progress = loop_config.get("progress")
+    progress, prepared = loop_config.get("progress"), loop_config["prepared"]
 
-    tokenizer = open_tokenizer(loop_config["prepared"])  # None for token files prepared without one
-    vocab = read_vocabulary(loop_config["prepared"])
+    vocab = read_vocabulary(prepared)
     model = build_model(cfg.model, vocab.size, cfg.seed, vocab.bos_id, vocab.eos_id, vocab.pad_id)
     num_params = sum(p.numel() for p in model.parameters())
     startup["model_built"] = time.time()
@@ -51,38 +66,35 @@ def train_loop(loop_config: dict) -> None:
     reshard = resume_from is not None and saved_world_size != world_size
     engine = build_engine(model, cfg, world_size, load_universal=reshard)
     startup["deepspeed_ready"] = time.time()
-    objective = get_objective(cfg.objective.name)
-    pad_id = vocab.pad_id  # only fills padded positions; the collator masks padding by sample length
-    loader = ResumableLoader(open_split(loop_config["prepared"], "train"), tr.micro_batch_size, rank,
-                             world_size, cfg.seed, cfg.data.shuffle)
-    data_identity = checkpoint.data_identity(loop_config["prepared"], cfg.data.shuffle)
+    loader = ResumableLoader(open_split(prepared, "train"), tr.micro_batch_size, rank, world_size, cfg.seed,
+                             cfg.data.shuffle)
+    job = Job(cfg, rank, world_size, engine, loader, get_objective(cfg.objective.name), open_tokenizer(prepared),
+              vocab.pad_id, None, progress, loop_config["run_dir"], prepared,
+              checkpoint.data_identity(prepared, cfg.data.shuffle))
 
     step = 0
     if resume_from is not None:
         with ray.train.Checkpoint(resume_from).as_directory() as local:
             restored = checkpoint.restore(engine, Path(local), rank, reshard)
         step = restored.step
-        checkpoint.check_same_data(restored.loader_state, data_identity, resume_from)
+        checkpoint.check_same_data(restored.loader_state, job.data_identity, resume_from)
         loader.load_state_dict(restored.loader_state)
-    if os.environ.get(TRACE_SAMPLES_ENV):
-        trace_samples(loader, Path(os.environ[TRACE_SAMPLES_ENV]) / f"rank{rank}.txt")
+    trace_samples(loader, rank)
 
-    tracker = RunTracker(cfg.tracking, cfg.paths.root, loop_config["mlflow_run_id"]) if rank == 0 else None
+    job.tracker = RunTracker(cfg.tracking, cfg.paths.root, loop_config["mlflow_run_id"]) if rank == 0 else None
     try:
-        train_steps(engine, loader, objective, cfg, rank, world_size, step, tracker, progress, loop_config,
-                    tokenizer, pad_id, meter_args=(num_params, startup), data_identity=data_identity)
+        train_steps(job, step, num_params, startup)
     finally:  # the metric sender flushes and closes however the loop ends
-        if tracker is not None:
-            tracker.close()
+        if job.tracker is not None:
+            job.tracker.close()
 
 
-def train_steps(engine, loader, objective, cfg, rank: int, world_size: int, step: int, tracker, progress,
-                loop_config: dict, tokenizer, pad_id, meter_args: tuple, data_identity: dict) -> None:
+def train_steps(job: Job, step: int, num_params: int, startup: dict) -> None:
+    cfg, engine, rank, tracker, progress = job.cfg, job.engine, job.rank, job.tracker, job.progress
     tr = cfg.trainer
-    num_params, startup = meter_args
-    tokens_per_step = tr.micro_batch_size * tr.gradient_accumulation_steps * world_size * cfg.data.seq_len
+    tokens_per_step = tr.micro_batch_size * tr.gradient_accumulation_steps * job.world_size * cfg.data.seq_len
     meter = StepMeter(tokens_per_step, num_params, cfg.model, cfg.data.seq_len,
-                      cfg.hardware.peak_flops_per_worker, world_size)
+                      cfg.hardware.peak_flops_per_worker, job.world_size)
     if rank == 0 and progress is not None:
         progress.put({"event": "start", "step": step, "max_steps": tr.max_steps, "num_params": num_params})
     if rank == 0 and step > 0:
@@ -91,7 +103,7 @@ def train_steps(engine, loader, objective, cfg, rank: int, world_size: int, step
     last, first_step, diverged = {}, True, None
     while step < tr.max_steps:
         meter.start()
-        loss_sum = train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
+        loss_sum = train_step(engine, job.loader, job.objective, tr.gradient_accumulation_steps, job.pad_id)
         step += 1
         log_due = step % tr.log_every == 0 or step == tr.max_steps
         eval_due = (tr.eval_every and step % tr.eval_every == 0) or step == tr.max_steps
@@ -107,7 +119,7 @@ def train_steps(engine, loader, objective, cfg, rank: int, world_size: int, step
             # applied, so a step that saves looks at the weights themselves before they reach a checkpoint.
             weights_ok = norm is not None or not save_due or weights_finite(engine)
             diverged = None if engine_skips_nonfinite(cfg) else divergence(
-                last["train/loss"], norm, step, loop_config["run_dir"], weights_ok)
+                last["train/loss"], norm, step, job.run_dir, weights_ok)
         meter.stop()
         if rank == 0 and progress is not None and first_step:
             progress.put({"event": "first_step", "time": time.time(), "startup": startup})
@@ -118,12 +130,11 @@ def train_steps(engine, loader, objective, cfg, rank: int, world_size: int, step
         if log_due:
             last |= {f"train/{k}": v for k, v in meter.read().items()}
         if eval_due:
-            last |= evaluate(engine, objective, loop_config["prepared"], cfg, rank, world_size, pad_id)
+            last |= evaluate(engine, job.objective, job.prepared, cfg, rank, job.world_size, job.pad_id)
         if log_due or eval_due:
             publish(rank, tracker, progress, last, step)
         if save_due:
-            save_and_report(engine, step, rank, world_size, loader.state_dict() | {"data": data_identity}, last,
-                            cfg, tracker, loop_config["run_dir"], tokenizer)
+            save_and_report(job, step, last)
 
 
 def choose_checkpoint(loop_config: dict, cfg, rank: int, progress) -> tuple[str | None, int | None]:
@@ -172,9 +183,19 @@ def notify(progress, line: str) -> None:
 TRACE_SAMPLES_ENV = "LMFORGE_TRACE_SAMPLES"  # test hook: a directory; ranks record their starts and sample ids
 
 
-def trace_samples(loader: ResumableLoader, path: Path) -> None:
+def trace_start(rank: int) -> None:
+    """Record that this rank started (how many times a worker group was started)."""
+    if trace := os.environ.get(TRACE_SAMPLES_ENV):
+        Path(trace).mkdir(parents=True, exist_ok=True)
+        with open(Path(trace) / "starts.txt", "a") as f:
+            f.write(f"{rank}\n")
+
+
+def trace_samples(loader: ResumableLoader, rank: int) -> None:
     """Record the global sample ids this rank trains on, one micro-batch per line."""
-    take = loader.next_batch
+    if not (trace := os.environ.get(TRACE_SAMPLES_ENV)):
+        return
+    path, take = Path(trace) / f"rank{rank}.txt", loader.next_batch
 
     def traced():
         ids = loader.sample_ids(loader.position + loader.rank * loader.micro_batch_size, loader.micro_batch_size)
@@ -278,13 +299,14 @@ def publish(rank: int, tracker, progress, metrics: dict, step: int) -> None:
         progress.put({"event": "metrics", "step": step, **metrics})
 
 
-def save_and_report(engine, step: int, rank: int, world_size: int, loader_state: dict, metrics: dict, cfg,
-                    tracker, run_dir: str, tokenizer) -> None:
+def save_and_report(job: Job, step: int, metrics: dict) -> None:
     """Every rank saves its shards and Ray uploads them; once every upload has returned, rank 0 commits the
     checkpoint by writing its marker into storage, then prunes old checkpoints."""
-    uri = f"{run_dir}/{checkpoint.dir_name(step)}"
+    cfg, rank, world_size = job.cfg, job.rank, job.world_size
+    uri = f"{job.run_dir}/{checkpoint.dir_name(step)}"
+    loader_state = job.loader.state_dict() | {"data": job.data_identity}
     with checkpoint.staging_dir() as local:
-        mine = checkpoint.save_shards(engine, Path(local), step, rank, tokenizer)
+        mine = checkpoint.save_shards(job.engine, Path(local), step, rank, job.tokenizer)
         everyone = [None] * world_size
         dist.all_gather_object(everyone, mine)
         ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(local),
@@ -299,5 +321,5 @@ def save_and_report(engine, step: int, rank: int, world_size: int, loader_state:
     files = {name: digest for rank_files in everyone for name, digest in rank_files.items()}
     checkpoint.commit(uri, {"format": 2, "step": step, "world_size": world_size, "loader": loader_state,
                             "metrics": metrics, "config": redact_config(to_dict(cfg)), "files": files})
-    checkpoint.prune(run_dir, cfg.checkpoint.keep_last, step)
-    tracker.log_checkpoint(step, uri, sum(f["size"] for f in files.values()), metrics)
+    checkpoint.prune(job.run_dir, cfg.checkpoint.keep_last, step)
+    job.tracker.log_checkpoint(step, uri, sum(f["size"] for f in files.values()), metrics)
