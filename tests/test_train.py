@@ -178,31 +178,34 @@ def copy_run(baseline, name: str) -> str:
     return run_dir
 
 
-def test_resume_on_fewer_workers_continues_with_the_next_samples_and_the_same_global_batch(home, baseline):
-    """2 workers -> 1: DeepSpeed state is resharded through a universal checkpoint, gradient accumulation
-    doubles so the global batch stays 64 sequences, and the one worker trains exactly the samples that come
-    next in the epoch: none repeated, none skipped."""
+def test_resume_on_fewer_workers_trains_the_rest_of_the_epoch_with_the_same_global_batch(home, baseline):
+    """2 workers -> 1, mid-epoch: DeepSpeed state is resharded through a universal checkpoint, gradient
+    accumulation doubles so the global batch stays 64 sequences, and the one worker trains exactly the samples
+    the epoch has left (as a set), in the epoch's order, before the next epoch begins."""
     from data.loader import ResumableLoader
     from data.prepared import open_split
     from orchestrator.worker import TRACE_SAMPLES_ENV
 
     run_dir = copy_run(baseline, "shrunk")
-    trace = Path(home) / "trace-shrunk"
-    resumed = run(home, [f"resume={run_dir}", "hardware.workers=1", "trainer.max_steps=28"],
-                  worker_env={TRACE_SAMPLES_ENV: str(trace)})
-    marker, before = read_marker(resumed.checkpoint), read_marker(baseline.checkpoint)
-    assert marker["world_size"] == 1 and marker["config"]["trainer"]["gradient_accumulation_steps"] == 16
-    assert marker["loader"]["position"] - before["loader"]["position"] == 4 * 64, "4 steps of 64 sequences"
-    trained = [int(i) for i in (trace / "rank0.txt").read_text().split()]
+    before = read_marker(baseline.checkpoint)["loader"]
     store = open_split(read_run_info(run_dir)["prepared"], "train")
-    order = ResumableLoader(store, 4, 0, 1, seed=1234)
-    start = before["loader"]["position"]
-    assert trained == order.sample_ids(start, 256).tolist()
-    epoch_start = start - start % len(store)
-    seen_this_epoch = set(order.sample_ids(epoch_start, start - epoch_start).tolist())
-    assert len(set(trained)) == 256 and not seen_this_epoch & set(trained), "a sample repeated within the epoch"
+    start, n = before["position"], len(store)
+    remaining = n - start % n
+    assert start % n > 0 and remaining > 64, "the checkpoint must be mid-epoch"
+    steps = -(-remaining // 64)  # enough 64-sequence steps to finish the epoch
+    trace = Path(home) / "trace-shrunk"
+    resumed = run(home, [f"resume={run_dir}", "hardware.workers=1", f"trainer.max_steps={24 + steps}",
+                         "trainer.eval_every=0"], worker_env={TRACE_SAMPLES_ENV: str(trace)})
+    marker = read_marker(resumed.checkpoint)
+    assert marker["world_size"] == 1 and marker["config"]["trainer"]["gradient_accumulation_steps"] == 16
+    assert marker["loader"]["position"] - start == steps * 64, "every step took 64 sequences"
+    trained = [int(i) for i in (trace / "rank0.txt").read_text().split()]
+    epoch = ResumableLoader(store, 4, 0, 1, seed=1234).sample_ids(start - start % n, n).tolist()
+    seen_before, rest_of_epoch = set(epoch[:start % n]), trained[:remaining]
+    assert rest_of_epoch == epoch[start % n:], "the epoch's own order continues"
+    assert set(rest_of_epoch) | seen_before == set(range(n)) and not set(rest_of_epoch) & seen_before
     after = losses(home, resumed.mlflow_run_id)
-    assert sorted(after) == [25, 26, 27, 28]
+    assert sorted(after) == list(range(25, 25 + steps))
     assert abs(after[25] - losses(home, baseline.mlflow_run_id)[24]) < 0.15
 
 
