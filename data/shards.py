@@ -18,12 +18,17 @@ from common.errors import LmforgeError
 OPEN_SHARDS = 64  # memory maps kept open per store; beyond this the least recently used is closed
 
 
-def sha256_file(path: Path) -> str:
+def sha256_stream(f) -> str:
+    """sha256 of a binary file object, read in 4 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
+    while block := f.read(1 << 22):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)
 
 
 def tar_header(name: str, size: int) -> bytes:

@@ -14,7 +14,6 @@ directory deleted by hand, or a snapshot from another Ray version, can never blo
 """
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -103,14 +102,10 @@ def set_rng_state(state: dict) -> None:
 
 def file_digests(local_dir: Path) -> dict[str, dict]:
     """Size and sha256 of every file under `local_dir`, by relative path."""
-    files = {}
-    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-        files[str(path.relative_to(local_dir))] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
-    return files
+    from data.shards import sha256_file
+
+    return {str(path.relative_to(local_dir)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            for path in sorted(p for p in local_dir.rglob("*") if p.is_file())}
 
 
 def save_shards(engine, local_dir: Path, step: int, rank: int, tokenizer) -> dict[str, dict]:
@@ -199,17 +194,16 @@ def inspect(uri: str, checksums: bool = False) -> tuple[dict | None, str | None]
             return None, f"{name} is {stored[name]} bytes, its marker says {expected['size']} (a torn upload)"
     if checksums:
         for name, expected in files.items():
-            if "sha256" in expected and sha256_of(fs, f"{root}/{name}") != expected["sha256"]:
+            if "sha256" in expected and stored_sha256(fs, f"{root}/{name}") != expected["sha256"]:
                 return None, f"{name} does not match its checksum (corrupted in storage)"
     return marker, None
 
 
-def sha256_of(fs, path: str) -> str:
-    digest = hashlib.sha256()
+def stored_sha256(fs, path: str) -> str:
+    from data.shards import sha256_stream
+
     with fs.open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha256_stream(f)
 
 
 def complete_marker(path: str, checksums: bool = False) -> dict | None:
@@ -289,7 +283,7 @@ def prune(run_dir: str, keep_last: int, newest_step: int) -> None:
     for _, uri in found.complete[:-keep_last]:
         remove(uri)
     for uri, _ in found.rejected:
-        if step_of(uri) is not None and step_of(uri) < newest_step:
+        if step_of(uri) < newest_step:
             remove(uri)
 
 
@@ -365,10 +359,13 @@ def data_changes(saved: dict | None, now: dict) -> list[str]:
     return changes
 
 
-def check_same_data(loader_state: dict, now: dict, where: str) -> None:
+def check_same_data(loader_state: dict, now: dict, where: str, keys_set: list[str] = ()) -> None:
+    """Refuse to continue a data position on data it does not describe; `keys_set` are the data keys the
+    resuming command line changed, the likely cause."""
     if changes := data_changes(loader_state.get("data"), now):
-        raise LmforgeError(f"cannot resume from {where}: it was trained on different data, so its position would "
-                           f"continue in a different sample order: {'; '.join(changes)}. Resume with the "
+        named = f" (this command line sets {', '.join(keys_set)})" if keys_set else ""
+        raise LmforgeError(f"cannot resume from {where}: it was trained on different data{named}, so its position "
+                           f"would continue in a different sample order: {'; '.join(changes)}. Resume with the "
                            "original data settings, or start a new run")
 
 

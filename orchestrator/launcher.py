@@ -176,15 +176,10 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
 
 
 def check_resumable_data(plan: resume.Resume, prepared: str, cfg: LmforgeConfig, overrides: list[str]) -> None:
-    """Refuse, before anything starts, to continue a data position on data it does not describe."""
-    saved = checkpoint.read_marker(plan.checkpoint)["loader"].get("data")
-    changes = checkpoint.data_changes(saved, checkpoint.data_identity(prepared, cfg.data.shuffle))
-    if changes:
-        keys = resume.data_keys_given(resume.given_keys(overrides))
-        named = f" (this command line sets {', '.join(keys)})" if keys else ""
-        raise LmforgeError(f"cannot resume from {plan.checkpoint}: it was trained on different data{named}, so its "
-                           f"position would continue in a different sample order: {'; '.join(changes)}. Resume "
-                           "with the original data settings, or start a new run")
+    """Refuse before anything starts, rather than on the workers, where the check repeats for restarts."""
+    checkpoint.check_same_data(checkpoint.read_marker(plan.checkpoint)["loader"],
+                               checkpoint.data_identity(prepared, cfg.data.shuffle), plan.checkpoint,
+                               resume.data_keys_given(resume.given_keys(overrides)))
 
 
 def start_tracking_and_ray(cfg: LmforgeConfig, plan, run_name: str, run_dir: str, prepared: str,

@@ -84,9 +84,9 @@ def merge(info: dict, cfg: LmforgeConfig, overrides: list[str], given: set[str],
         # working directory make of the default now.
         merged.paths = OmegaConf.create(saved["paths"])
     merged.resume = cfg.resume
-    where = f"{run_dir}/{runs.RUN_INFO}"
-    refuse_saved_commands(OmegaConf.to_container(merged), given, where)
-    refuse_redacted(OmegaConf.to_container(merged), given, where)
+    where, values = f"{run_dir}/{runs.RUN_INFO}", OmegaConf.to_container(merged)
+    refuse_saved_commands(values, given, where)
+    refuse_redacted(values, given, where)
     keep_global_batch(merged, saved, given)
     resumed = from_dict(OmegaConf.to_container(merged))
     resumed.validate()

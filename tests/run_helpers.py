@@ -30,3 +30,12 @@ def assert_same_losses(home, expected_run_id, actual_run_id, steps) -> None:
 
     expected, actual = losses(home, expected_run_id), losses(home, actual_run_id)
     np.testing.assert_allclose([actual[s] for s in steps], [expected[s] for s in steps], rtol=0, atol=1e-6)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (free when this returns)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

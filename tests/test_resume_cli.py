@@ -7,14 +7,13 @@ another paths.root (it must continue in its own run directory).
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from run_helpers import run_status
+from run_helpers import free_port, run_status
 
 from orchestrator.checkpoint import list_checkpoints
 from orchestrator.config import load_config
@@ -35,11 +34,6 @@ def lmforge(*args, home: Path, cwd: Path = REPO, extra_env: dict | None = None, 
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +57,7 @@ def test_resume_of_a_run_that_reached_max_steps_says_so_without_starting_ray(fin
 
 def test_unreachable_cluster_is_one_line_and_leaves_the_mlflow_run_as_it_was(finished):
     home, run_dir, run_id = finished
-    address = f"ray://127.0.0.1:{closed_port()}"
+    address = f"ray://127.0.0.1:{free_port()}"
     out = lmforge("train", "--address", address, f"resume={run_dir}", "trainer.max_steps=8", home=home,
                   extra_env=FAST_CLIENT_TIMEOUT, timeout=300)
     assert out.returncode == 2

@@ -7,7 +7,6 @@ the previous complete checkpoint from S3 and reproduce an uninterrupted run's lo
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import fsspec
 import pytest
 import ray
 from model_helpers import exported_val_loss
-from run_helpers import assert_same_losses, losses, restored_steps
+from run_helpers import assert_same_losses, free_port, losses, restored_steps
 
 from orchestrator.checkpoint import FAULT_ENV, TORN_UPLOAD_ENV, list_checkpoints, read_marker
 from orchestrator.config import load_config
@@ -28,11 +27,6 @@ BUCKET = "lmforge-test"
 RUN = ["experiment=smoke", "trainer.max_steps=16", "trainer.gradient_accumulation_steps=2", "trainer.log_every=1",
        "checkpoint.every=8", "trainer.eval_every=8"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from run_helpers import free_port
 
 from common.errors import LmforgeError
 from orchestrator.redact import REDACTED, is_secret_key, redact_value
@@ -37,11 +37,6 @@ def root(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)  # so a stray ./mlruns or ./mlflow.db would show up here
     return str(tmp_path / "root")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metric_steps(client, run_id, key):
