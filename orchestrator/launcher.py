@@ -130,6 +130,9 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
         for uri, why in plan.rejected:  # no worker runs yet, so nothing is mid-save: remove them for good
             say(f"{checkpoint.skipped_line(uri, why)}; removed")
             checkpoint.remove(uri)
+        if plan.parent:
+            say(f"{plan.checkpoint} is older than its run's newest checkpoint: continuing it as the new run "
+                f"{run_name}; {plan.parent['run_dir']} stays as it was")
         if plan.step >= cfg.trainer.max_steps:
             return TrainResult(run_name, run_dir, plan.mlflow_run_id, {}, plan.checkpoint, None, {}, wall_started,
                                already_done=f"reached step {plan.step} of trainer.max_steps="

@@ -259,9 +259,10 @@ def test_rank_killed_mid_upload_never_leaves_a_checkpoint_resume_selects(home, b
     assert_same_losses(home, baseline.mlflow_run_id, result.mlflow_run_id, range(1, 25))
 
 
-def test_resume_from_an_older_checkpoint_forks_from_that_step(home, baseline):
+def test_resume_from_an_older_checkpoint_forks_from_that_step(home, baseline, capfd):
     older = f"{baseline.run_dir}/checkpoint_00000016"
     forked = run(home, [f"resume={older}"])
+    assert "continuing it as the new run baseline-from16" in capfd.readouterr().err
     assert forked.run_name == "baseline-from16" and forked.run_dir != baseline.run_dir
     assert read_run_info(forked.run_dir)["parent"]["checkpoint"] == older
     assert restored_steps(home, forked.mlflow_run_id) == [16]
