@@ -150,18 +150,28 @@ def open_tokenizer(prepared: str | Path):
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """What a model needs to know of the data's ids; any special id may be None (a bare token file)."""
+    """What a model and an objective need to know of the data's ids; any special id may be None (a bare
+    token file, or a tokenizer without that token)."""
 
     size: int
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
+    mask_id: int | None = None
+    cls_id: int | None = None
+    sep_id: int | None = None
+    unk_id: int | None = None
+    special_ids: tuple[int, ...] = ()  # every special token: never masked, noised or predicted as text
+    sentinel_ids: tuple[int, ...] = ()  # <extra_id_0>, <extra_id_1>, ...: span corruption's placeholders
 
 
 def read_vocabulary(prepared: str | Path) -> Vocabulary:
     meta = read_meta(prepared)
+    special = meta.get("special", {})
     # Manifests written before bos_id was recorded came from tokenizers whose bos is their eos.
-    return Vocabulary(meta["vocab_size"], meta.get("bos_id", meta["eos_id"]), meta["eos_id"], meta["pad_id"])
+    return Vocabulary(meta["vocab_size"], meta.get("bos_id", meta["eos_id"]), meta["eos_id"], meta["pad_id"],
+                      special.get("mask_id"), special.get("cls_id"), special.get("sep_id"), special.get("unk_id"),
+                      tuple(special.get("special_ids", ())), tuple(special.get("sentinel_ids", ())))
 
 
 def summarize(prepared: str | Path) -> str:

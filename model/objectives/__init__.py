@@ -1,11 +1,10 @@
 """Registry of objectives, chosen by `objective.name`; each module holds its collator, loss and metrics."""
 
-from types import ModuleType
+from model.objectives.base import Objective
+from model.objectives.clm import CausalLM
 
-from model.objectives import clm
-
-OBJECTIVES: dict[str, ModuleType] = {"clm": clm}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (CausalLM,)}
 
 
-def get_objective(name: str) -> ModuleType:
+def get_objective(name: str) -> type[Objective]:
     return OBJECTIVES[name]
