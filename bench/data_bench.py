@@ -50,7 +50,7 @@ def bench_training_step(cfg, tokenizer, steps: int) -> float:
     """Tokens/s one worker's forward+backward+AdamW step consumes on this machine (fp32, CPU)."""
     import torch
 
-    from model.gpt import build_model
+    from model.build import build_model
 
     model = build_model(cfg.model, len(tokenizer), cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -73,7 +73,7 @@ def bench_loader(store, micro_batch_size: int, seconds: float = 3.0) -> float:
     loader = ResumableLoader(store, micro_batch_size, 0, 1, seed=0)
     tokens, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        tokens += sum(len(sample) for sample in loader.next_batch())
+        tokens += sum(len(sample["input_ids"]) for sample in loader.next_batch())
     return tokens / (time.perf_counter() - started)
 
 

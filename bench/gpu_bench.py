@@ -65,8 +65,8 @@ def main() -> None:
     import torch
 
     from data.prepared import prepare_training_data, read_vocabulary
+    from model.build import build_model
     from model.flops import flops_per_token
-    from model.gpt import build_model
     from orchestrator.config import load_config
 
     scratch = tempfile.mkdtemp(prefix="lmforge-gpu-bench-")

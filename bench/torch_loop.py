@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from data.loader import ResumableLoader
 from data.prepared import open_split, read_vocabulary
-from model.gpt import build_model
+from model.build import build_model
 from model.objectives import get_objective
 from orchestrator.config import load_config
 from orchestrator.engine import build_engine, lr_at, param_groups
@@ -34,12 +34,12 @@ def make_step(cfg, prepared: str, rank: int, world_size: int, device: torch.devi
     loss still on the device."""
     tr = cfg.trainer
     vocab = read_vocabulary(prepared)
-    model = build_model(cfg.model, vocab.size, cfg.seed, vocab.bos_id, vocab.eos_id, vocab.pad_id)
-    objective = get_objective(cfg.objective.name)
+    model = build_model(cfg.model, vocab.size, cfg.seed, bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id)
+    objective = get_objective(cfg.objective.name)(cfg.objective, vocab, cfg.seed, world_size=world_size)
     loader = ResumableLoader(open_split(prepared, "train"), tr.micro_batch_size, rank, world_size, cfg.seed,
                              cfg.data.shuffle)
     if use_deepspeed:
-        return deepspeed_step(build_engine(model, cfg, world_size), loader, objective, tr, vocab.pad_id)
+        return deepspeed_step(build_engine(model, cfg, world_size), loader, objective, tr)
     return torch_step(model.to(device), loader, objective, tr, world_size, device, cfg.hardware.precision)
 
 
@@ -66,13 +66,14 @@ def torch_step(model, loader: ResumableLoader, objective, tr, world_size: int, d
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     model.train()
-    from orchestrator.worker import next_batch
+    from orchestrator.worker import to_device
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
     def step() -> torch.Tensor:
-        batch = next_batch(loader, objective, None, device)  # the worker's own transfer to the device
+        # the worker's own collation and transfer to the device
+        batch = to_device(objective.collate(loader.next_batch(), train=True), device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = objective.loss(model, batch)
         scaler.scale(loss).backward()
@@ -88,11 +89,11 @@ def torch_step(model, loader: ResumableLoader, objective, tr, world_size: int, d
     return step
 
 
-def deepspeed_step(engine, loader: ResumableLoader, objective, tr, pad_id: int | None):
+def deepspeed_step(engine, loader: ResumableLoader, objective, tr):
     """lmforge's own per-worker step function, minus Ray."""
     from orchestrator.worker import train_step
 
-    return lambda: train_step(engine, loader, objective, tr.gradient_accumulation_steps, pad_id)
+    return lambda: train_step(engine, loader, objective, tr.gradient_accumulation_steps)
 
 
 def main() -> None:

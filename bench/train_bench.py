@@ -95,7 +95,7 @@ def probe_worker_setup(prepared: str, overrides: list[str]) -> None:
     lap("import torch")
     import transformers  # noqa: F401
 
-    from model.gpt import build_model
+    from model.build import build_model
     lap("import transformers")
     from orchestrator.engine import import_deepspeed
     import_deepspeed()
@@ -206,7 +206,7 @@ def main() -> None:
     set_verbosity(verbose=False)  # the same quiet, offline environment `lmforge train` gives its workers
 
     from data.prepared import prepare_training_data, read_vocabulary
-    from model.gpt import build_model
+    from model.build import build_model
     from orchestrator.config import load_config
 
     scratch = tempfile.mkdtemp(prefix="lmforge-bench-")

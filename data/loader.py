@@ -28,7 +28,7 @@ SHUFFLE_SHARDS = 8  # shards mixed together by the epoch shuffle; more mixes bet
 class SampleStore(Protocol):
     def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> np.ndarray: ...
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
 
 
 def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool, shard_sizes=None,
@@ -49,8 +49,9 @@ def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool, shard_si
 
 
 class ResumableLoader:
-    """Yields micro-batches for one rank, each a list of `micro_batch_size` int64 token arrays at their real
-    lengths (the objective's collator pads them); `state_dict` resumes exactly."""
+    """Yields micro-batches for one rank, each a list of `micro_batch_size` samples: the store's dict of
+    arrays at their real lengths, plus the sample's global id and the epoch it is drawn in (what its random
+    masking is seeded by). The objective's collator pads them; `state_dict` resumes exactly."""
 
     def __init__(self, store: SampleStore, micro_batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool = True):
@@ -94,13 +95,14 @@ class ResumableLoader:
             start, count = start + take, count - take
         return np.concatenate(ids)
 
-    def next_batch(self) -> list[np.ndarray]:
-        window = self.micro_batch_size * self.world_size
-        mine = self.sample_ids(self.position + self.rank * self.micro_batch_size, self.micro_batch_size)
+    def next_batch(self) -> list[dict]:
+        window, n = self.micro_batch_size * self.world_size, len(self.store)
+        start = self.position + self.rank * self.micro_batch_size
+        mine = self.sample_ids(start, self.micro_batch_size)
         self.position += window
-        return [np.asarray(self.store[int(i)], dtype=np.int64) for i in mine]
+        return [self.store[int(i)] | {"sample_id": int(i), "epoch": (start + k) // n} for k, i in enumerate(mine)]
 
-    def __iter__(self) -> Iterator[list[np.ndarray]]:
+    def __iter__(self) -> Iterator[list[dict]]:
         while True:
             yield self.next_batch()
 

@@ -16,7 +16,7 @@ import shutil
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,10 @@ from data.clean import Cleaner
 from data.config import DataConfig
 from data.encode import encodings, to_ids, tokenize_table
 from data.packing import StreamPacker, token_dtype
+from data.samples import CAUSAL_BLOCKS, BlockBuilder, SampleSpec
 from data.shards import ShardWriter
 from data.sources import iter_documents
-from data.tokenizer import load_tokenizer, require_separator, train_tokenizer
+from data.tokenizer import load_tokenizer, special_ids, train_tokenizer, with_special_tokens
 
 CHUNK_CHARS = 1_000_000  # text per chunk: one Ray Data block, one tokenize task; small keeps the pipeline full
 # BPE training cost grows with the longest whitespace-free run (minified code, base64): sample heads only.
@@ -40,30 +41,38 @@ SPLITS = ("train", "val")
 
 
 def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool,
-          worker_env: dict[str, str] | None = None) -> dict:
+          worker_env: dict[str, str] | None = None, spec: SampleSpec = CAUSAL_BLOCKS) -> dict:
     """Write shards and tokenizer into `out`; return the manifest (not yet written).
 
-    `worker_env`: environment for the Ray Data job's workers, when this call starts Ray (see start_ray)."""
+    `worker_env`: environment for the Ray Data job's workers, when this call starts Ray (see start_ray).
+    `spec`: how documents become samples, as the objective asks."""
     started, stats = time.time(), Counter()
     if cfg.source == "tokens":
+        if spec != CAUSAL_BLOCKS:
+            raise LmforgeError(f"data.source=tokens holds bare token ids without documents or special tokens; "
+                               f"this objective needs {spec.kind} samples built from text")
         return build_from_tokens(cfg, out, seed, stats) | {"seconds": round(time.time() - started, 3)}
     started_ray, early = engine == "ray" and start_ray(worker_env), None
+    roles = tuple(dict.fromkeys(((spec.separator,) if spec.kind == "blocks" else ()) + spec.special_tokens))
     try:
         # A given tokenizer can start on each chunk as it is read; a trained one needs the whole split first.
         path = cfg.tokenizer.path
-        given = require_separator(load_tokenizer(path), path) if cfg.tokenizer.kind == "pretrained" else None
+        given = (with_special_tokens(load_tokenizer(path), path, roles, spec.sentinels)
+                 if cfg.tokenizer.kind == "pretrained" else None)
         early = ThreadTokenizer(given.backend_tokenizer.to_str()) if given and engine == "local" else None
-        chunks, keys = stage_documents(cfg, seed, stats, engine, progress, early.submit if early else None)
+        chunks, keys = stage_documents(cfg, seed, stats, engine, progress, early.submit if early else None,
+                                       sentences=spec.segments == "sentences")
         if len(keys) < 2:
             raise LmforgeError(f"data: only {len(keys)} document(s) left after cleaning "
                                f"({dict(stats)}); need at least 2 for a train/val split")
         n_val = max(1, round(len(keys) * cfg.val_fraction))
         val_below = np.partition(keys, n_val - 1)[n_val - 1]  # keys <= this are validation documents
         tokenizer = given or train_tokenizer(train_texts(chunks, val_below, cfg.tokenizer.train_docs),
-                                             cfg.tokenizer)
+                                             cfg.tokenizer, roles, spec.sentinels)
         tokenizer.save_pretrained(str(out / "tokenizer"))
         tokenized = early or tokenize(chunks, tokenizer.backend_tokenizer.to_str(), engine)
-        splits = pack_and_write(cfg, out, tokenized, val_below, tokenizer, stats, progress, len(chunks))
+        splits = pack_and_write(cfg, out, tokenized, val_below, tokenizer, stats, progress, len(chunks), spec,
+                                seed)
     finally:
         if early is not None:  # bad input stops reading: do not finish tokenizing what was read
             early.close()
@@ -71,9 +80,12 @@ def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool,
             import ray
 
             ray.shutdown()
-    return vocabulary_fields(tokenizer, len(tokenizer), out) | {
-        "splits": splits, "counts": dict(sorted(stats.items())), "engine": engine,
-        "seconds": round(time.time() - started, 3)}
+    builder = make_builder(spec, cfg, tokenizer, seed)
+    fields = {name: token_dtype(len(tokenizer)).name if kind == "ids" else kind for name, kind in builder.fields.items()}
+    samples = {"samples": asdict(spec), "fields": fields} if spec != CAUSAL_BLOCKS else {}
+    return vocabulary_fields(tokenizer, len(tokenizer), out) | samples | {
+        "special": special_ids(tokenizer, spec.sentinels), "splits": splits,
+        "counts": dict(sorted(stats.items())), "engine": engine, "seconds": round(time.time() - started, 3)}
 
 
 def vocabulary_fields(tokenizer, vocab_size: int, out: Path) -> dict:
@@ -146,12 +158,16 @@ def quiet_ray_data() -> None:
             handler.setLevel(logging.ERROR)
 
 
-def stage_documents(cfg: DataConfig, seed: int, stats: Counter, engine: str, progress: bool, on_chunk=None):
+def stage_documents(cfg: DataConfig, seed: int, stats: Counter, engine: str, progress: bool, on_chunk=None,
+                    sentences: bool = False):
     """Cleaned document pieces as chunks (object refs with Ray), and the split key of every document.
 
-    `on_chunk` sees each chunk as soon as it is complete."""
+    `on_chunk` sees each chunk as soon as it is complete. With `sentences`, every piece is cut into its
+    sentences, each its own piece of the same document (what pair and sentence samples are built from)."""
     from tqdm import tqdm
 
+    if sentences:
+        from data.segments import split_sentences
     cleaner, salt = Cleaner(cfg.clean, stats), seed.to_bytes(8, "little", signed=True)
     chunks, keys, rows, chars, key, in_doc = [], [], {"text": [], "cont": [], "key": []}, 0, 0, False
 
@@ -169,9 +185,11 @@ def stage_documents(cfg: DataConfig, seed: int, stats: Counter, engine: str, pro
             if not in_doc:  # every piece of a document carries its first piece's key: one split per document
                 key = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8, key=salt).digest(), "little")
                 keys.append(key)
-            rows["text"].append(text)
-            rows["cont"].append(cont)
-            rows["key"].append(key)
+            pieces = split_sentences(text) or [text] if sentences else [text]
+            for i, piece in enumerate(pieces):
+                rows["text"].append(piece)
+                rows["cont"].append(cont or i < len(pieces) - 1)
+                rows["key"].append(key)
             chars += len(text)
             stats["chars_kept"] += len(text)
         in_doc = cont
@@ -308,14 +326,28 @@ def tokenize(chunks: list, tokenizer_json: str, engine: str):
     return map(from_table, ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4))
 
 
+def make_builder(spec: SampleSpec, cfg: DataConfig, tokenizer, seed: int):
+    """The sample builder for one split, as `spec` asks."""
+    if spec.kind == "blocks":
+        separator = tokenizer.eos_token_id if spec.separator == "eos" else tokenizer.sep_token_id
+        wrap = (tokenizer.cls_token_id, tokenizer.sep_token_id) if spec.wrap else None
+        return BlockBuilder(cfg.seq_len, separator, cfg.packed, wrap)
+    from data.segments import PairBuilder, SegmentBuilder
+
+    if spec.kind == "pairs":
+        return PairBuilder(cfg.seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id, spec.random_next_prob,
+                           spec.short_seq_prob, seed)
+    return SegmentBuilder(cfg.seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
+
+
 def pack_and_write(cfg: DataConfig, out: Path, tokenized, val_below: int, tokenizer, stats: Counter,
-                   progress: bool, total: int) -> dict:
+                   progress: bool, total: int, spec: SampleSpec = CAUSAL_BLOCKS, seed: int = 0) -> dict:
     from tqdm import tqdm
 
     dtype = token_dtype(len(tokenizer))
     shard_bytes = int(cfg.shard_mb * (1 << 20))
-    packers = {s: StreamPacker(cfg.seq_len, tokenizer.eos_token_id, cfg.packed) for s in SPLITS}
-    writers = {s: ShardWriter(out, s, shard_bytes, dtype) for s in SPLITS}
+    builders = {s: make_builder(spec, cfg, tokenizer, seed + i) for i, s in enumerate(SPLITS)}
+    writers = {s: ShardWriter(out, s, shard_bytes, field_dtypes(builders[s].fields, dtype)) for s in SPLITS}
     docs = Counter()
     for chunk in tqdm(tokenized, desc="tokenize+pack", unit=" chunks", total=total, disable=not progress):
         is_val = chunk.key <= val_below
@@ -325,11 +357,14 @@ def pack_and_write(cfg: DataConfig, out: Path, tokenized, val_below: int, tokeni
             part = chunk.select(mask)
             docs[split] += int((~part.cont).sum())
             stats["tokens_from_documents"] += len(part.flat)
-            for sample in packers[split].add(part.flat, part.lengths, part.cont):
+            for sample in builders[split].add(part.flat, part.lengths, part.cont):
                 writers[split].write(sample)
     splits = {}
     for split in SPLITS:
-        stats["tokens_dropped_last_block"] += packers[split].finish()
+        held, dropped = builders[split].finish()
+        for sample in held:
+            writers[split].write(sample)
+        stats["tokens_dropped_last_block"] += dropped
         shards = writers[split].close()
         if writers[split].samples == 0:
             raise LmforgeError(f"data split '{split}' is shorter than one block of data.seq_len={cfg.seq_len} "
@@ -337,6 +372,11 @@ def pack_and_write(cfg: DataConfig, out: Path, tokenized, val_below: int, tokeni
         splits[split] = {"documents": docs[split], "blocks": writers[split].samples,
                          "tokens": writers[split].tokens, "shards": shards}
     return splits
+
+
+def field_dtypes(fields: dict[str, str], token: np.dtype) -> dict[str, np.dtype]:
+    """Token-id fields in the vocabulary's dtype; the others (labels, token types) as the builder says."""
+    return {name: token if kind == "ids" else np.dtype(kind) for name, kind in fields.items()}
 
 
 def build_from_tokens(cfg: DataConfig, out: Path, seed: int, stats: Counter) -> dict:
@@ -364,14 +404,14 @@ def build_from_tokens(cfg: DataConfig, out: Path, seed: int, stats: Counter) -> 
     is_val[np.random.default_rng(seed).choice(n_blocks, n_val, replace=False)] = True
     dtype, shard_bytes = token_dtype(vocab), int(cfg.shard_mb * (1 << 20))
     packer = StreamPacker(cfg.seq_len, None, packed=True)
-    writers = {s: ShardWriter(out, s, shard_bytes, dtype) for s in SPLITS}
+    writers = {s: ShardWriter(out, s, shard_bytes, {"input_ids": dtype}) for s in SPLITS}
     block = 0
     for f in files:
         stats["files"] += 1
         for start in range(0, len(f.tokens), 1 << 22):
             piece = np.asarray(f.tokens[start:start + (1 << 22)])
             for sample in packer.add(piece, np.asarray([len(piece)]), np.asarray([True])):
-                writers["val" if is_val[block] else "train"].write(sample)
+                writers["val" if is_val[block] else "train"].write({"input_ids": sample})
                 block += 1
     stats["tokens_dropped_last_block"] = packer.finish()
     splits = {}

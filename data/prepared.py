@@ -15,6 +15,7 @@ from pathlib import Path
 from common.errors import LmforgeError
 from common.processes import pid_alive
 from data.config import DataConfig
+from data.samples import CAUSAL_BLOCKS, SampleSpec
 from data.shards import ShardStore, verify_shards
 from data.sources import expand_paths, is_remote
 
@@ -37,18 +38,20 @@ def input_fingerprint(cfg: DataConfig) -> list:
     return prints
 
 
-def data_key(cfg: DataConfig, seed: int) -> str:
+def data_key(cfg: DataConfig, seed: int, spec: SampleSpec = CAUSAL_BLOCKS) -> str:
     config = asdict(cfg)
     config.pop("engine")  # every engine writes identical output
     config.pop("prepared_dir")
-    blob = json.dumps({"data": config, "seed": seed, "format": FORMAT_VERSION,
-                       "inputs": input_fingerprint(cfg)}, sort_keys=True)
+    key = {"data": config, "seed": seed, "format": FORMAT_VERSION, "inputs": input_fingerprint(cfg)}
+    if spec.key() is not None:  # causal-LM blocks keep the key they had before objectives chose samples
+        key["samples"] = spec.key()
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepared_path(cfg: DataConfig, root: str | Path, seed: int) -> Path:
+def prepared_path(cfg: DataConfig, root: str | Path, seed: int, spec: SampleSpec = CAUSAL_BLOCKS) -> Path:
     base = Path(cfg.prepared_dir).expanduser() if cfg.prepared_dir else Path(root) / "data"
-    return base / f"{cfg.name}-{data_key(cfg, seed)}"
+    return base / f"{cfg.name}-{data_key(cfg, seed, spec)}"
 
 
 def choose_engine(cfg: DataConfig) -> str:
@@ -64,13 +67,14 @@ def choose_engine(cfg: DataConfig) -> str:
 
 
 def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: str | None = None,
-                          progress: bool = False, worker_env: dict[str, str] | None = None) -> Path:
+                          progress: bool = False, worker_env: dict[str, str] | None = None,
+                          spec: SampleSpec = CAUSAL_BLOCKS) -> Path:
     """Return the prepared directory for `cfg`, building it if this exact config and input were never prepared.
 
     `engine` overrides `cfg.engine` (ray: Ray Data map_batches; local: this process). `worker_env` goes to
-    the Ray Data job's workers when preparing starts Ray itself.
+    the Ray Data job's workers when preparing starts Ray itself. `spec`: the samples the objective trains on.
     """
-    out = prepared_path(cfg, root, seed)
+    out = prepared_path(cfg, root, seed, spec)
     if (out / MANIFEST).is_file():
         return out
     from data.pipeline import build
@@ -81,7 +85,7 @@ def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = build(cfg, tmp, seed, engine, progress, worker_env)
+        manifest = build(cfg, tmp, seed, engine, progress, worker_env, spec)
         manifest = {"format": FORMAT_VERSION, "name": cfg.name, "source": cfg.source, "seq_len": cfg.seq_len,
                     "packed": cfg.packed, "dtype": shard_dtype(manifest["vocab_size"]), "seed": seed,
                     "key": out.name, **manifest, "inputs": input_fingerprint(cfg), "config": asdict(cfg)}
@@ -128,7 +132,8 @@ def open_split(prepared: str | Path, split: str) -> ShardStore:
     meta = read_meta(prepared)
     if split not in meta["splits"]:
         raise LmforgeError(f"no split '{split}' in {prepared}; it has {', '.join(meta['splits'])}")
-    return ShardStore(prepared, meta["splits"][split]["shards"], meta["dtype"])
+    # Manifests written before samples had named fields hold token blocks only.
+    return ShardStore(prepared, meta["splits"][split]["shards"], meta.get("fields", {"input_ids": meta["dtype"]}))
 
 
 def verify(prepared: str | Path) -> list[str]:

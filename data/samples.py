@@ -28,11 +28,17 @@ class SampleSpec:
     segments: str = "none"  # sentences: documents are cut into sentences before tokenizing
     sentinels: int = 0  # T5-style <extra_id_N> tokens the tokenizer must hold (span corruption)
     special_tokens: tuple[str, ...] = ()  # special tokens the tokenizer must hold: mask, cls, sep
+    # pairs only: share whose second segment is from another document, and of shorter-than-budget pairs
+    random_next_prob: float = 0.5
+    short_seq_prob: float = 0.1
 
     def key(self) -> dict | None:
         """What goes into the prepared data's cache key; None for causal LM blocks, so corpora prepared
         before samples had a spec keep their key (and their runs stay resumable)."""
         return None if self == SampleSpec() else asdict(self)
+
+
+CAUSAL_BLOCKS = SampleSpec()  # what every corpus held before objectives chose their samples
 
 
 class SampleBuilder(Protocol):

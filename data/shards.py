@@ -1,8 +1,10 @@
-"""WebDataset tar shards of token samples: a size-capped writer and a random-access reader over them.
+"""WebDataset tar shards of samples: a size-capped writer and a random-access reader over them.
 
-Each sample is one tar member `<key>.input_ids.npy`, so any WebDataset pipeline can read the shards. Beside
-each shard the writer leaves `<shard>.idx.npy`, the byte offset and token count of every sample's array
-data, so training reads sample i with one slice of a memory map instead of scanning tar headers.
+A sample is a dict of named 1-D arrays, each stored as one tar member `<key>.<field>.npy` (causal LM
+samples have only `input_ids`), so any WebDataset pipeline can read the shards. Beside each shard the
+writer leaves `<shard>.idx.npy`, the byte offset and length of every sample's array data per field (one
+(offset, count) column pair per field, in the manifest's field order), so training reads sample i with one
+slice of a memory map per field instead of scanning tar headers.
 """
 
 import hashlib
@@ -47,41 +49,47 @@ def tar_header(name: str, size: int) -> bytes:
 class ShardWriter:
     """Writes `<split>-NNNNNN.tar` shards of about `shard_bytes` each under `directory`.
 
-    Members are written directly rather than through `tarfile`, whose per-member header work cost about
-    0.9 s per 20 MB of text; the bytes are plain ustar, and the sha256 is taken as they are written.
+    `fields` maps each field of a sample to its numpy dtype, in member order. Members are written directly
+    rather than through `tarfile`, whose per-member header work cost about 0.9 s per 20 MB of text; the
+    bytes are plain ustar, and the sha256 is taken as they are written.
     """
 
-    def __init__(self, directory: Path, split: str, shard_bytes: int, dtype: np.dtype):
-        self.directory, self.split, self.shard_bytes, self.dtype = directory, split, shard_bytes, dtype
+    def __init__(self, directory: Path, split: str, shard_bytes: int, fields: dict[str, np.dtype]):
+        self.directory, self.split, self.shard_bytes = directory, split, shard_bytes
+        self.fields = {name: np.dtype(dtype) for name, dtype in fields.items()}
         self.shards: list[dict] = []
         self.samples = self.tokens = 0
         self._file, self._digest, self._offset = None, None, 0
-        self._index: list[tuple[int, int]] = []
-        self._npy_headers: dict[int, bytes] = {}
+        self._index: list[tuple[int, ...]] = []
+        self._npy_headers: dict[tuple, bytes] = {}
 
-    def write(self, tokens: np.ndarray) -> None:
+    def write(self, sample: dict[str, np.ndarray]) -> None:
         if self._file is None:
             path = self.directory / f"{self.split}-{len(self.shards):06d}.tar"
             self._file, self._digest, self._offset = open(path, "wb"), hashlib.sha256(), 0  # noqa: SIM115
-        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
-        npy = self._npy_header(len(tokens))
-        size = len(npy) + len(data)
-        member = b"".join((tar_header(f"{self.samples:010d}.input_ids.npy", size), npy, data,
-                           bytes(-size % tarfile.BLOCKSIZE)))
-        self._index.append((self._offset + tarfile.BLOCKSIZE + len(npy), len(tokens)))
-        self._put(member)
+        row = []
+        for name, dtype in self.fields.items():
+            values = sample[name]
+            data = np.ascontiguousarray(values, dtype=dtype).tobytes()
+            npy = self._npy_header(dtype, len(values))
+            size = len(npy) + len(data)
+            member = b"".join((tar_header(f"{self.samples:010d}.{name}.npy", size), npy, data,
+                               bytes(-size % tarfile.BLOCKSIZE)))
+            row += [self._offset + tarfile.BLOCKSIZE + len(npy), len(values)]
+            self._put(member)
+        self._index.append(tuple(row))
         self.samples += 1
-        self.tokens += len(tokens)
+        self.tokens += len(sample["input_ids"])
         if self._offset >= self.shard_bytes:
             self._close_shard()
 
-    def _npy_header(self, length: int) -> bytes:
-        if length not in self._npy_headers:
+    def _npy_header(self, dtype: np.dtype, length: int) -> bytes:
+        if (dtype, length) not in self._npy_headers:
             buf = io.BytesIO()
-            np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+            np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                        "fortran_order": False, "shape": (length,)})
-            self._npy_headers[length] = buf.getvalue()
-        return self._npy_headers[length]
+            self._npy_headers[dtype, length] = buf.getvalue()
+        return self._npy_headers[dtype, length]
 
     def _put(self, data: bytes) -> None:
         self._file.write(data)
@@ -106,14 +114,16 @@ class ShardWriter:
 
 
 class ShardStore:
-    """Random access to the samples of one split: `store[i]` is the token ids of sample i, at its real length.
+    """Random access to the samples of one split: `store[i]` is sample i's dict of arrays, at their real
+    lengths (views of a memory map, in the stored dtypes).
 
     Packed samples are all `seq_len` long; unpacked ones (one document each) may be shorter. Padding is the
     collator's job, so the store never invents a token value to pad with.
     """
 
-    def __init__(self, directory: str | Path, shards: list[dict], dtype: str):
-        self.directory, self.dtype = Path(directory), np.dtype(dtype)
+    def __init__(self, directory: str | Path, shards: list[dict], fields: dict[str, str]):
+        self.directory = Path(directory)
+        self.fields = [(name, np.dtype(dtype)) for name, dtype in fields.items()]
         self.shards = shards
         for shard in shards:
             path = self.directory / shard["name"]
@@ -129,13 +139,16 @@ class ShardStore:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} out of range for {len(self)} samples")
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        offset, count = self._shard_index(shard)[index - self.starts[shard]]
-        start = int(offset)
-        return self._map(shard)[start:start + int(count) * self.dtype.itemsize].view(self.dtype)
+        row, data = self._shard_index(shard)[index - self.starts[shard]], self._map(shard)
+        sample = {}
+        for i, (name, dtype) in enumerate(self.fields):
+            start, count = int(row[2 * i]), int(row[2 * i + 1])
+            sample[name] = data[start:start + count * dtype.itemsize].view(dtype)
+        return sample
 
     def _shard_index(self, shard: int) -> np.ndarray:
         if shard not in self._index:

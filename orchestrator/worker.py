@@ -14,7 +14,7 @@ import torch.distributed as dist
 from common.errors import LmforgeError
 from data.loader import ResumableLoader, eval_plan
 from data.prepared import open_split, open_tokenizer, read_vocabulary
-from model.gpt import build_model
+from model.build import build_model
 from model.objectives import get_objective
 from orchestrator import checkpoint
 from orchestrator.config import from_dict, to_dict
@@ -33,9 +33,8 @@ class Job:
     world_size: int
     engine: object
     loader: ResumableLoader
-    objective: object
+    objective: object  # a model.objectives.base.Objective: collate, loss, eval sums, metrics
     tokenizer: object  # None for token files prepared without one
-    pad_id: int | None  # only fills padded positions; the collator masks padding by sample length
     tracker: RunTracker | None  # rank 0's MLflow sender
     progress: object  # the driver's event queue, or None
     run_dir: str
@@ -58,8 +57,10 @@ def train_loop(loop_config: dict) -> None:
     checkpoint.remove_orphaned_staging()
     progress, prepared = loop_config.get("progress"), loop_config["prepared"]
 
-    vocab = read_vocabulary(prepared)
-    model = build_model(cfg.model, vocab.size, cfg.seed, vocab.bos_id, vocab.eos_id, vocab.pad_id)
+    vocab, tokenizer, objective_class = read_vocabulary(prepared), open_tokenizer(prepared), get_objective(
+        cfg.objective.name)
+    model = build_model(cfg.model, vocab.size, cfg.seed, objective_class.head, bos_id=vocab.bos_id,
+                        eos_id=vocab.eos_id, pad_id=vocab.pad_id)
     num_params = sum(p.numel() for p in model.parameters())
     startup["model_built"] = time.time()
     resume_from, saved_world_size = choose_checkpoint(loop_config, cfg, rank, progress)
@@ -68,9 +69,9 @@ def train_loop(loop_config: dict) -> None:
     startup["deepspeed_ready"] = time.time()
     loader = ResumableLoader(open_split(prepared, "train"), tr.micro_batch_size, rank, world_size, cfg.seed,
                              cfg.data.shuffle)
-    job = Job(cfg, rank, world_size, engine, loader, get_objective(cfg.objective.name), open_tokenizer(prepared),
-              vocab.pad_id, None, progress, loop_config["run_dir"], prepared,
-              checkpoint.data_identity(prepared, cfg.data.shuffle))
+    objective = objective_class(cfg.objective, vocab, cfg.seed, tokenizer, world_size)
+    job = Job(cfg, rank, world_size, engine, loader, objective, tokenizer, None, progress, loop_config["run_dir"],
+              prepared, checkpoint.data_identity(prepared, cfg.data.shuffle))
 
     step = 0
     if resume_from is not None:
@@ -92,9 +93,8 @@ def train_loop(loop_config: dict) -> None:
 def train_steps(job: Job, step: int, num_params: int, startup: dict) -> None:
     cfg, engine, rank, tracker, progress = job.cfg, job.engine, job.rank, job.tracker, job.progress
     tr = cfg.trainer
-    tokens_per_step = tr.micro_batch_size * tr.gradient_accumulation_steps * job.world_size * cfg.data.seq_len
-    meter = StepMeter(tokens_per_step, num_params, cfg.model, cfg.data.seq_len,
-                      cfg.hardware.peak_flops_per_worker, job.world_size)
+    meter = StepMeter(cfg.model, job.engine.module.get_input_embeddings().num_embeddings, job.objective.head,
+                      cfg.hardware.peak_flops_per_worker, job.world_size, engine.device)
     if rank == 0 and progress is not None:
         progress.put({"event": "start", "step": step, "max_steps": tr.max_steps, "num_params": num_params})
     if rank == 0 and step > 0:
@@ -103,7 +103,7 @@ def train_steps(job: Job, step: int, num_params: int, startup: dict) -> None:
     last, first_step, diverged = {}, True, None
     while step < tr.max_steps:
         meter.start()
-        loss_sum = train_step(engine, job.loader, job.objective, tr.gradient_accumulation_steps, job.pad_id)
+        loss_sum = train_step(engine, job.loader, job.objective, tr.gradient_accumulation_steps, meter)
         step += 1
         log_due = step % tr.log_every == 0 or step == tr.max_steps
         eval_due = (tr.eval_every and step % tr.eval_every == 0) or step == tr.max_steps
@@ -130,7 +130,7 @@ def train_steps(job: Job, step: int, num_params: int, startup: dict) -> None:
         if log_due:
             last |= {f"train/{k}": v for k, v in meter.read().items()}
         if eval_due:
-            last |= evaluate(engine, job.objective, job.prepared, cfg, rank, job.world_size, job.pad_id)
+            last |= evaluate(engine, job.objective, job.prepared, cfg, rank, job.world_size)
         if log_due or eval_due:
             publish(rank, tracker, progress, last, step)
         if save_due:
@@ -207,13 +207,17 @@ def trace_samples(loader: ResumableLoader, rank: int) -> None:
     loader.next_batch = traced
 
 
-def train_step(engine, loader: ResumableLoader, objective, accumulation: int, pad_id: int) -> torch.Tensor:
+def train_step(engine, loader: ResumableLoader, objective, accumulation: int,
+               meter: StepMeter | None = None) -> torch.Tensor:
     """One optimizer step over `accumulation` micro-batches; returns this rank's summed loss, still on the
     device and unsynchronized (see mean_over_ranks)."""
     engine.train()
     total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for _ in range(accumulation):
-        loss = objective.loss(engine, next_batch(loader, objective, pad_id, engine.device))
+        batch = objective.collate(loader.next_batch(), train=True)
+        if meter is not None:
+            meter.count(batch, objective.tokens(batch))
+        loss = objective.loss(engine, to_device(batch, engine.device))
         engine.backward(loss)
         engine.step()
         total += loss.detach().double()
@@ -228,8 +232,7 @@ def mean_over_ranks(loss_sum: torch.Tensor, batches: int) -> float:
     return total.item() / (batches * dist.get_world_size())
 
 
-def next_batch(loader: ResumableLoader, objective, pad_id: int, device) -> dict[str, torch.Tensor]:
-    batch = objective.collate(loader.next_batch(), pad_id)
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     if torch.device(device).type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
     # A copy from pageable memory waits for every kernel already queued, so the host could never run ahead
@@ -277,18 +280,26 @@ def stop_diverged(rank: int, tracker, progress, metrics: dict, step: int, messag
 
 
 @torch.no_grad()
-def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int, pad_id: int) -> dict[str, float]:
-    """Mean validation loss over the same fixed, unshuffled blocks every time, split across ranks."""
+def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int) -> dict[str, float]:
+    """The objective's validation metrics over the same fixed, unshuffled samples every time, split across
+    ranks. Each batch adds up its statistics (summed losses, correct predictions, counted tokens); summing
+    those over batches and ranks makes the result independent of how the samples were batched."""
     engine.eval()
     store = open_split(prepared, "val")
     batch_size, n_batches = eval_plan(len(store), cfg.trainer.micro_batch_size, cfg.trainer.eval_batches,
                                       world_size)
     loader = ResumableLoader(store, batch_size, rank, world_size, cfg.seed, shuffle=False)
-    # On the device: NCCL reduces only GPU tensors.
-    total = torch.zeros((), dtype=torch.float64, device=engine.device)
+    sums: dict[str, torch.Tensor] = {}
     for _ in range(n_batches):
-        total += objective.loss(engine, next_batch(loader, objective, pad_id, engine.device)).double()
-    return {f"val/{k}": v for k, v in objective.metrics(mean_over_ranks(total, n_batches)).items()}
+        batch = to_device(objective.collate(loader.next_batch(), train=False), engine.device)
+        for key, value in objective.eval_sums(engine, batch).items():
+            sums[key] = sums.get(key, 0) + value.double()
+    # One all-reduce for all statistics, on the device: NCCL reduces only GPU tensors.
+    keys = sorted(sums)
+    stacked = torch.stack([sums[k] for k in keys])
+    dist.all_reduce(stacked)
+    totals = dict(zip(keys, stacked.tolist()))
+    return {f"val/{k}": v for k, v in objective.metrics(totals).items()}
 
 
 def publish(rank: int, tracker, progress, metrics: dict, step: int) -> None:

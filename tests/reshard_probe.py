@@ -47,7 +47,7 @@ def main(ckpt: str, prepared: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from data.prepared import read_vocabulary
-    from model.gpt import build_model
+    from model.build import build_model
     from orchestrator import checkpoint
     from orchestrator.config import from_dict
     from orchestrator.engine import build_engine
@@ -61,7 +61,7 @@ def main(ckpt: str, prepared: str) -> None:
     cfg = from_dict(checkpoint.read_marker(ckpt)["config"])
     cfg.trainer.gradient_accumulation_steps = accumulation_steps(cfg, 1)
     vocab = read_vocabulary(prepared)
-    model = build_model(cfg.model, vocab.size, cfg.seed, vocab.bos_id, vocab.eos_id, vocab.pad_id)
+    model = build_model(cfg.model, vocab.size, cfg.seed, bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id)
     engine = build_engine(model, cfg, 1, load_universal=True)
     checkpoint.restore(engine, Path(ckpt), rank=0, reshard=True)
     reference = consolidated(Path(ckpt) / checkpoint.DS_TAG)

@@ -211,8 +211,8 @@ def test_a_checkpoint_file_holding_code_is_refused_with_lmforge_own_message(tmp_
 
 
 def test_export_refuses_a_checkpoint_without_its_untied_head():
+    from model.build import build_model
     from model.config import ModelConfig
-    from model.gpt import build_model
     from orchestrator.export import load_weights
 
     untied = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=8, tie_embeddings=False), 64, 0)

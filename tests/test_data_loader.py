@@ -21,7 +21,7 @@ class IdStore:
         return self.n
 
     def __getitem__(self, i):
-        return np.full(self.seq_len, i, dtype=np.int64)
+        return {"input_ids": np.full(self.seq_len, i, dtype=np.int64)}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,8 @@ def prepared(tmp_path_factory):
     return prepare_training_data(cfg.data, tmp_path_factory.mktemp("root"), cfg.seed)
 
 
-def ids_of(batch: list[np.ndarray]) -> list[int]:
-    return [int(sample[0]) for sample in batch]
+def ids_of(batch: list[dict]) -> list[int]:
+    return [int(sample["input_ids"][0]) for sample in batch]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -62,9 +62,9 @@ def test_real_shards_union_is_the_epoch(prepared, world_size):
     rows = []
     for rank in range(world_size):
         loader = ResumableLoader(store, batch, rank, world_size, seed=1)
-        rows += [tuple(row.tolist()) for _ in range(steps) for row in loader.next_batch()]
+        rows += [tuple(s["input_ids"].tolist()) for _ in range(steps) for s in loader.next_batch()]
     assert len(rows) == steps * batch * world_size
-    epoch = [tuple(store[int(i)].tolist()) for i in epoch_order(len(store), 0, 1, True, store.shard_sizes)]
+    epoch = [tuple(store[int(i)]["input_ids"].tolist()) for i in epoch_order(len(store), 0, 1, True, store.shard_sizes)]
     assert sorted(rows) == sorted(epoch[: len(rows)])
 
 
@@ -114,8 +114,9 @@ def test_state_from_other_data_is_refused(prepared):
 def test_packed_batches_are_full_blocks_of_token_ids(prepared):
     store = open_split(prepared, "val")
     batch = ResumableLoader(store, 4, 0, 1, seed=0, shuffle=False).next_batch()
-    assert len(batch) == 4 and all(s.dtype == np.int64 and s.shape == (64,) for s in batch)
-    assert np.array_equal(batch[1], store[1])
+    assert len(batch) == 4 and all(s["input_ids"].shape == (64,) for s in batch)
+    assert np.array_equal(batch[1]["input_ids"], store[1]["input_ids"])
+    assert [(s["sample_id"], s["epoch"]) for s in batch] == [(0, 0), (1, 0), (2, 0), (3, 0)]
 
 
 def test_unpacked_samples_come_at_their_real_length(tmp_path):
@@ -128,7 +129,7 @@ def test_unpacked_samples_come_at_their_real_length(tmp_path):
     (tmp_path / "u.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     out = prepare_training_data(make_cfg("jsonl", [tmp_path / "u.jsonl"], packed=False), tmp_path / "root", 0)
     store = open_split(out, "train")
-    lengths = {len(store[i]) for i in range(len(store))}
+    lengths = {len(store[i]["input_ids"]) for i in range(len(store))}
     assert max(lengths) == 32 and min(lengths) < 32, "short documents must not be padded to seq_len"
     batch = ResumableLoader(store, len(store), 0, 1, seed=0, shuffle=False).next_batch()
-    assert [len(s) for s in batch] == [len(store[i]) for i in range(len(store))]
+    assert [len(s["input_ids"]) for s in batch] == [len(store[i]["input_ids"]) for i in range(len(store))]

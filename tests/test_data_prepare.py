@@ -18,7 +18,7 @@ from data.prepared import open_split, open_tokenizer, prepare_training_data, rea
 
 def all_tokens(prepared, split="train") -> np.ndarray:
     store = open_split(prepared, split)
-    return np.concatenate([store[i] for i in range(len(store))]) if len(store) else np.empty(0)
+    return np.concatenate([store[i]["input_ids"] for i in range(len(store))]) if len(store) else np.empty(0)
 
 
 def decoded_text(prepared) -> str:
@@ -56,7 +56,7 @@ def test_text_files_become_webdataset_shards_any_reader_can_open(tmp_path):
     blocks = [s["input_ids.npy"] for s in wds.WebDataset(urls, shardshuffle=False).decode()]
     store = open_split(out, "train")
     assert len(blocks) == len(store) == meta["splits"]["train"]["blocks"]
-    assert all(np.array_equal(b, store[i]) for i, b in enumerate(blocks))
+    assert all(np.array_equal(b, store[i]["input_ids"]) for i, b in enumerate(blocks))
     # Every kept word survives tokenization and packing (only the ragged tail of a split is cut).
     text = decoded_text(out)
     assert sum(d.split(": ", 1)[1][:20] in text for d in docs) >= 38

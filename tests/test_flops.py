@@ -23,7 +23,8 @@ from transformers import (
 
 from model.config import ModelConfig
 from model.flops import flops_per_token, matmul_params, mfu, mfu_of, step_flops
-from model.gpt import build_model, padded_vocab_size
+from model.build import build_model
+from model.gpt import padded_vocab_size
 from orchestrator.cli import speed_summary
 from orchestrator.config import load_config
 from orchestrator.metrics import StepMeter
@@ -65,11 +66,25 @@ def test_cpu_hardware_names_no_peak_and_gpu_presets_keep_theirs():
 
 def window(peak: float | None) -> dict:
     cfg = ModelConfig(arch="llama", n_layer=2, n_embd=64, max_seq_len=128)
-    meter = StepMeter(tokens_per_step=1024, num_params=1_000_000, model_cfg=cfg, seq_len=128,
-                      peak_flops_per_worker=peak, world_size=2)
+    meter = StepMeter(cfg, vocab_rows=512, head="causal_lm", peak_flops_per_worker=peak, world_size=2)
     meter.start()
+    batch = {"input_ids": torch.zeros(8, 128, dtype=torch.long)}
+    meter.count(batch, (8 * 128 - 100, 0))
     meter.stop()
     return {f"train/{k}": v for k, v in meter.read().items()}
+
+
+def test_meter_counts_real_tokens_and_the_flops_of_the_padded_batch():
+    """Throughput counts tokens that are not padding; MFU counts the work done, padding included."""
+    cfg = ModelConfig(arch="llama", n_layer=2, n_embd=64, max_seq_len=128)
+    meter = StepMeter(cfg, vocab_rows=512, head="causal_lm", peak_flops_per_worker=1.0, world_size=1)
+    meter.start()
+    meter.count({"input_ids": torch.zeros(8, 128, dtype=torch.long)}, (1000, 0))
+    meter.stop()
+    busy = meter.busy_s
+    read = meter.read()
+    assert read["tokens_per_second"] == pytest.approx(1000 / busy)
+    assert read["mfu"] == pytest.approx(step_flops(cfg, 512, "causal_lm", 1000, 128) / busy)
 
 
 def test_without_a_peak_no_mfu_is_logged_and_the_console_says_n_a():

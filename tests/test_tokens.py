@@ -12,11 +12,14 @@ from data.config import TokenizerConfig
 from data.loader import ResumableLoader
 from data.prepared import open_split, open_tokenizer, prepare_training_data, read_meta, read_vocabulary
 from data.tokenizer import EOS, load_tokenizer
+from model.build import build_model
 from model.config import ModelConfig
-from model.gpt import build_model
 from model.objectives import get_objective
+from model.objectives.config import ObjectiveConfig
 
-clm = get_objective("clm")
+
+def clm(vocab):
+    return get_objective("clm")(ObjectiveConfig(), vocab, seed=0)
 
 
 def gpt2_style_tokenizer(directory, texts: list[str]):
@@ -51,10 +54,10 @@ def test_eos_separators_carry_loss_with_a_tokenizer_that_has_no_pad_token(tmp_pa
     store = open_split(out, "train")
     eos_with_loss = padded = 0
     for samples in all_batches(store, 4):
-        batch = clm.collate(samples, vocab.pad_id)
+        batch = clm(vocab).collate(samples, train=True)
         attends = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
         for row, sample in enumerate(samples):
-            real = len(sample)
+            real = len(sample["input_ids"])
             labels, ids = batch["labels"][row], batch["input_ids"][row]
             at_eos = (ids[:real] == vocab.eos_id).nonzero().flatten()
             assert torch.equal(labels[at_eos], ids[at_eos]), "an end-of-text position lost its loss"
@@ -84,16 +87,16 @@ def test_token_file_needs_no_tokenizer_and_every_id_carries_loss(tmp_path, char_
     assert open_tokenizer(out) is None
     assert (meta["vocab_size"], meta["eos_id"], meta["pad_id"]) == (vocab_size, None, None)
     stores = [open_split(out, split) for split in ("train", "val")]
-    stored = np.concatenate([s[i] for s in stores for i in range(len(s))])
+    stored = np.concatenate([s[i]["input_ids"] for s in stores for i in range(len(s))])
     assert len(stored) == len(tokens) // 32 * 32, "nothing may be inserted into a token stream"
     assert set(stored.tolist()) == set(range(vocab_size))
     vocab = read_vocabulary(out)
     model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=32), vocab.size, 0,
-                        vocab.bos_id, vocab.eos_id, vocab.pad_id)
+                        bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id)
     assert model.config.vocab_size >= vocab_size
     for store in stores:
         for samples in all_batches(store, 2):
-            batch = clm.collate(samples, vocab.pad_id)
+            batch = clm(vocab).collate(samples, train=True)
             assert not batch["labels"].eq(-100).any(), "an id of the file's vocabulary was masked"
             assert int(batch["input_ids"].max()) < model.config.vocab_size
 
