@@ -52,8 +52,8 @@ class PairBuilder:
     documents (or after segments are put back) pushes the random share well past `random_next_prob` (62%
     instead of 50% on the tests' corpus). Two changes keep the share at `random_next_prob`: a one-segment
     chunk drawn as a true pair takes the document's next segment into it when there is one; and each pair
-    forced to be random all the same (a one-sentence document, the last segment left over) is made up for by
-    turning a later drawn random pair into a true one, 1 - random_next_prob of a pair at a time.
+    drawn as true but forced to be random all the same (a one-sentence document, the last segment left over)
+    is made up for by turning the next pair drawn as random into a true one.
     """
 
     fields = {"input_ids": "ids", "token_type_ids": "uint8", "next_sentence_label": "uint8"}
@@ -72,7 +72,7 @@ class PairBuilder:
         self.pool: deque[list[np.ndarray]] = deque(maxlen=pool_documents)
         self.document: list[np.ndarray] = []
         self.dropped = 0
-        self.owed_true = 0.0  # true pairs owed for pairs that were forced to be random
+        self.owed_true = 0  # pairs drawn as true that had to be random
 
     def add(self, flat, lengths, conts):
         samples = []
@@ -131,11 +131,10 @@ class PairBuilder:
         if not self.pool:
             return False if chunk_segments >= 2 else None
         if chunk_segments == 1:
-            if not drawn_random:
-                self.owed_true += 1.0 - self.random_next_prob
+            self.owed_true += not drawn_random
             return True
-        if drawn_random and self.owed_true >= 1.0:
-            self.owed_true -= 1.0
+        if drawn_random and self.owed_true:
+            self.owed_true -= 1
             return False
         return drawn_random
 
