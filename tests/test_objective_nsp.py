@@ -138,6 +138,11 @@ def pair_samples(n):
             for i, s in enumerate(samples[:n])]
 
 
+def test_sample_spec_carries_the_pair_shares():
+    spec = MaskedLMWithNSP.sample_spec(ObjectiveConfig(name="mlm_nsp", random_next_prob=0.3, short_seq_prob=0.0))
+    assert (spec.kind, spec.segments, spec.random_next_prob, spec.short_seq_prob) == ("pairs", "sentences", 0.3, 0.0)
+
+
 def test_collate_never_masks_cls_or_sep_and_stacks_the_labels():
     objective = MaskedLMWithNSP(ObjectiveConfig(name="mlm_nsp"), VOCAB, seed=0)
     samples = pair_samples(40)

@@ -18,7 +18,9 @@ class MaskedLMWithNSP(MaskedLM):
 
     @staticmethod
     def sample_spec(cfg) -> SampleSpec:
-        return SampleSpec(kind="pairs", segments="sentences", special_tokens=("mask", "cls", "sep"))
+        # The pair shares are decided when the data is prepared, so they are part of the prepared data's key.
+        return SampleSpec(kind="pairs", segments="sentences", special_tokens=("mask", "cls", "sep"),
+                          random_next_prob=cfg.random_next_prob, short_seq_prob=cfg.short_seq_prob)
 
     def collate(self, samples: Sequence[dict], train: bool = True) -> dict[str, torch.Tensor]:
         batch = super().collate(samples, train)
