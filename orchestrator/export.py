@@ -83,7 +83,7 @@ def export(target: str, out: str, cfg: LmforgeConfig) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     saved = from_dict(marker["config"])
-    if saved.objective.name == "contrastive":  # a sentence encoder: loadable by sentence-transformers too
+    if saved.objective.name == "contrastive" and tokenizer is not None:  # also a sentence-transformers model
         from model.sentence import save_sentence_transformer
 
         save_sentence_transformer(out_dir, saved.objective.pooling, saved.data.seq_len)

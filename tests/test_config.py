@@ -11,6 +11,8 @@ import pytest
 from common.errors import ConfigError
 from orchestrator.config import GROUPS, config_dir, group_options, load_config, to_yaml
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
 ALL_OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
 
 
@@ -22,9 +24,26 @@ def test_every_group_has_options():
     assert "smoke" in group_options("experiment")
 
 
+# An objective trains only some architectures: each model option is composed with one that fits it.
+OBJECTIVE_FOR_ARCH = {"gpt2": "clm", "llama": "clm", "bert": "mlm", "t5": "span_corruption"}
+MODEL_FOR_OBJECTIVE = {"clm": "gpt-tiny", "mlm": "bert-tiny", "mlm_nsp": "bert-tiny", "contrastive": "bert-tiny",
+                       "span_corruption": "t5-tiny"}
+
+
+def fitting(group: str, option: str) -> list[str]:
+    if group == "model":
+        from omegaconf import OmegaConf
+
+        arch = OmegaConf.load(CONF / "model" / f"{option}.yaml").arch
+        return [f"objective={OBJECTIVE_FOR_ARCH[arch]}"]
+    if group == "objective":
+        return [f"model={MODEL_FOR_OBJECTIVE[option]}"] + (["model.dropout=0.1"] if option == "contrastive" else [])
+    return []
+
+
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_every_option_composes(group, option):
-    cfg = load_config([f"{group}={option}"])
+    cfg = load_config([f"{group}={option}", *fitting(group, option)])
     if group != "experiment":
         assert getattr(cfg, group).name == option
     assert "???" not in to_yaml(cfg), "a mandatory value was left unset"
@@ -33,7 +52,7 @@ def test_every_option_composes(group, option):
 @pytest.mark.parametrize("model", group_options("model"))
 @pytest.mark.parametrize("hardware", group_options("hardware"))
 def test_models_and_hardware_combine(model, hardware):
-    cfg = load_config([f"model={model}", f"hardware={hardware}"])
+    cfg = load_config([f"model={model}", f"hardware={hardware}", *fitting("model", model)])
     assert cfg.data.seq_len == cfg.model.max_seq_len
 
 

@@ -21,9 +21,9 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from model.build import build_model
 from model.config import ModelConfig
 from model.flops import flops_per_token, matmul_params, mfu, mfu_of, step_flops
-from model.build import build_model
 from model.gpt import padded_vocab_size
 from orchestrator.cli import speed_summary
 from orchestrator.config import load_config
