@@ -38,3 +38,19 @@ def exported_val_loss(home, result, tmp_path, auto_class=None) -> float:
             for key, value in objective.eval_sums(model, objective.collate(loader.next_batch(), train=False)).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
     return objective.metrics(sums)["loss"]
+
+
+def check_loss_and_eval(objective, model, batch) -> tuple[dict, dict]:
+    """The training loss is a finite scalar with a gradient, and the metrics computed from the validation
+    sums of the same batch give the model's own loss. Returns (metrics, sums)."""
+    loss = objective.loss(model, batch)
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
+    loss.backward()
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).loss.item()
+        sums = objective.eval_sums(model, batch)
+    assert all(v.dtype == torch.float64 and v.dim() == 0 for v in sums.values())
+    metrics = objective.metrics({k: v.item() for k, v in sums.items()})
+    assert abs(metrics["loss"] - expected) < 1e-5, (metrics["loss"], expected)
+    return metrics, sums

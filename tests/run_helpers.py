@@ -57,3 +57,27 @@ def metric_history(home, run_id, key: str) -> dict[int, float]:
     """A metric's value per step; after a restart the later value counts."""
     history = sorted(_client(home).get_metric_history(run_id, key), key=lambda m: m.timestamp)
     return {m.step: m.value for m in history}
+
+
+def run_killing_a_worker(start, run_dir: str, checkpoint: str = "checkpoint_00000008"):
+    """Run `start()` (a training run writing into `run_dir`) in a thread; once `checkpoint` is complete,
+    SIGKILL a Ray Train worker from outside, as a crash or the OOM killer would. Returns start()'s result."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from orchestrator.checkpoint import is_complete
+
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("result", start()))
+    runner.start()
+    deadline, path = time.time() + 240, f"{run_dir}/{checkpoint}"
+    while not (os.path.isdir(path) and is_complete(path)):
+        assert time.time() < deadline and runner.is_alive(), f"run never reached {checkpoint}"
+        time.sleep(0.1)
+    victims = ray_train_workers()
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[-1].pid, signal.SIGKILL)
+    runner.join(timeout=400)
+    return outcome["result"]

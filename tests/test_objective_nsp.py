@@ -4,6 +4,7 @@ objective's collate, loss and metrics against a tiny BertForPreTraining."""
 import numpy as np
 import pytest
 import torch
+from model_helpers import check_loss_and_eval
 from transformers import BertConfig, BertForPreTraining
 
 from data.prepared import Vocabulary
@@ -166,14 +167,6 @@ def test_loss_has_grad_and_metrics_of_one_batch_equal_the_model_loss():
     objective = MaskedLMWithNSP(ObjectiveConfig(name="mlm_nsp"), VOCAB, seed=0)
     batch = objective.collate(pair_samples(6), train=True)
     assert set(batch["next_sentence_label"].tolist()) == {0, 1}
-    loss = objective.loss(model, batch)
-    assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
-    loss.backward()
-    model.eval()
-    with torch.no_grad():
-        expected = model(**batch).loss.item()
-        sums = objective.eval_sums(model, batch)
-    metrics = objective.metrics({k: v.item() for k, v in sums.items()})
-    assert metrics["loss"] == pytest.approx(expected, abs=1e-5)
+    metrics, sums = check_loss_and_eval(objective, model, batch)
     assert metrics["loss"] == pytest.approx(metrics["mlm_loss"] + metrics["nsp_loss"])
     assert sums["nsp_pairs"].item() == 6 and 0 <= metrics["nsp_accuracy"] <= 1 and 0 <= metrics["mlm_accuracy"] <= 1

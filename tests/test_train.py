@@ -8,10 +8,7 @@ checkpoint save never produces a checkpoint that resume would pick, and the HF e
 import io
 import json
 import os
-import signal
 import tarfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from model_helpers import exported_val_loss
-from run_helpers import assert_same_losses, losses, ray_train_workers, restored_steps
+from run_helpers import assert_same_losses, losses, restored_steps, run_killing_a_worker
 
 from common.errors import LmforgeError
 from data.prepared import prepare_training_data, read_meta
@@ -111,19 +108,7 @@ def test_other_zero_stages_train_and_export(home, tmp_path, stage, model):
 
 
 def test_sigkilled_worker_resumes_with_identical_losses(home, baseline):
-    run_dir = f"{home}/runs/killed"
-    outcome = {}
-    runner = threading.Thread(target=lambda: outcome.setdefault("result", run(home, RUN + ["run_name=killed"])))
-    runner.start()
-    deadline = time.time() + 240
-    while not (os.path.isdir(f"{run_dir}/checkpoint_00000008") and is_complete(f"{run_dir}/checkpoint_00000008")):
-        assert time.time() < deadline and runner.is_alive(), "run never reached its first checkpoint"
-        time.sleep(0.1)
-    victims = ray_train_workers()
-    assert victims, "no Ray Train worker process found"
-    os.kill(victims[-1].pid, signal.SIGKILL)
-    runner.join(timeout=400)
-    result = outcome["result"]
+    result = run_killing_a_worker(lambda: run(home, RUN + ["run_name=killed"]), f"{home}/runs/killed")
     assert latest_checkpoint(result.run_dir).endswith("checkpoint_00000024")
     assert restored_steps(home, result.mlflow_run_id) in ([8], [16]), "the restart did not resume a checkpoint"
     expected, actual = losses(home, baseline.mlflow_run_id), losses(home, result.mlflow_run_id)
