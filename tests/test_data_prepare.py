@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import make_cfg, make_docs
+from data_helpers import WORDS, make_cfg, make_docs
 
 from data.config import CleanConfig
 from data.prepared import open_split, open_tokenizer, prepare_training_data, read_meta, verify
@@ -307,3 +307,42 @@ def test_start_ray_sends_only_forwarded_env(monkeypatch):
     env = seen["runtime_env"]["env_vars"]
     assert "HF_TOKEN" not in env and "RAY_AUTH_TOKEN" not in env and env["PYTHONWARNINGS"] == "ignore"
     assert "hf_secret" not in repr(seen) and "ray_secret" not in repr(seen)
+
+
+def test_sentence_pairs_are_stored_one_webdataset_member_per_field(tmp_path):
+    """An objective's samples are records: NSP pairs hold input_ids, token_type_ids and next_sentence_label,
+    each its own `<key>.<field>.npy` member that any WebDataset reader sees, and the store serves the same."""
+    import json as _json
+    import random
+
+    import webdataset as wds
+
+    from data.config import TokenizerConfig
+    from model.objectives.config import ObjectiveConfig
+    from model.objectives.mlm_nsp import MaskedLMWithNSP
+
+    rng = random.Random(0)
+    docs = [" ".join(f"Sentence {j} of document {i} says {' '.join(rng.sample(WORDS, 6))}." for j in range(8))
+            for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("".join(_json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = make_cfg("jsonl", [tmp_path / "d.jsonl"], tokenizer=TokenizerConfig(kind="wordpiece", vocab_size=300,
+                                                                             min_frequency=1))
+    spec = MaskedLMWithNSP.sample_spec(ObjectiveConfig(name="mlm_nsp"))
+    out = prepare_training_data(cfg, tmp_path / "root", 0, spec=spec)
+    assert out != prepare_training_data(cfg, tmp_path / "root", 0), "pairs and blocks are different corpora"
+    meta = read_meta(out)
+    assert meta["fields"] == {"input_ids": "uint16", "token_type_ids": "uint8", "next_sentence_label": "uint8"}
+    urls = [str(out / s["name"]) for s in meta["splits"]["train"]["shards"]]
+    records = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    store = open_split(out, "train")
+    assert len(records) == len(store) > 50
+    tokenizer = open_tokenizer(out)
+    for i, record in enumerate(records):
+        sample = store[i]
+        for field in meta["fields"]:
+            assert np.array_equal(record[f"{field}.npy"], sample[field])
+        ids, types = sample["input_ids"], sample["token_type_ids"]
+        assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id and len(ids) <= 32
+        first_sep = int(np.flatnonzero(ids == tokenizer.sep_token_id)[0])
+        assert not types[:first_sep + 1].any() and types[first_sep + 1:].all()
+    assert {int(store[i]["next_sentence_label"][0]) for i in range(len(store))} == {0, 1}
