@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from common.errors import require
 from data.config import DataConfig
-from model.config import ModelConfig
+from model.config import FAMILIES, ModelConfig
 from model.objectives.config import ObjectiveConfig
 
 BACKENDS = ("gloo", "nccl")
@@ -162,9 +162,9 @@ class LmforgeConfig:
         from model.objectives import get_objective
 
         objective = get_objective(self.objective.name)
-        require(self.model.family in objective.families, "model", f"{self.model.name} ({self.model.arch})",
-                f"a {' or '.join(f.replace('_', '-') for f in objective.families)} model for "
-                f"objective={objective.name}")
+        fitting = [arch for arch, family in FAMILIES.items() if family in objective.families]
+        require(self.model.family in objective.families, "model", f"{self.model.name} (arch {self.model.arch})",
+                f"a model that objective={objective.name} trains: model.arch {' or '.join(fitting)}")
         require(objective.name != "contrastive" or self.model.dropout > 0, "model.dropout", self.model.dropout,
                 "a float > 0 for objective=contrastive (its two views of a sentence differ only by dropout)")
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")

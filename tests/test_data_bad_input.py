@@ -148,7 +148,7 @@ def test_long_document_pieces_are_joined_without_separators(tmp_path):
     meta = read_meta(out)
     assert meta["counts"]["documents_read"] == 12  # the long lines count once each, not per piece
     stores = [open_split(out, s) for s in ("train", "val")]
-    tokens = np.concatenate([st[i] for st in stores for i in range(len(st))])
+    tokens = np.concatenate([st[i]["input_ids"] for st in stores for i in range(len(st))])
     separators = int((tokens == meta["eos_id"]).sum())
     assert separators <= 11 - meta["counts"].get("dropped_duplicate", 0), "pieces were split by separators"
 

@@ -136,7 +136,7 @@ def test_unpacked_keeps_documents_apart_and_splits_long_ones(tmp_path):
     (tmp_path / "u.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     out = prepare_training_data(make_cfg("jsonl", [tmp_path / "u.jsonl"], packed=False), tmp_path / "root", 0)
     meta, tok = read_meta(out), open_tokenizer(tmp_path / "root" / "data" / out.name)
-    samples = [s for split in ("train", "val") for s in (lambda st: [st[i] for i in range(len(st))])(
+    samples = [s for split in ("train", "val") for s in (lambda st: [st[i]["input_ids"] for i in range(len(st))])(
         open_split(out, split))]
     assert all(0 < len(s) <= 32 for s in samples), "samples come at their real length, never padded"
     eos, pad = meta["eos_id"], meta["pad_id"]

@@ -86,11 +86,15 @@ def test_generate_continues_a_prompt_with_the_encoder_decoder(home, span):
     assert isinstance(text, str)
 
 
-def test_mlm_nsp_trains_both_heads(home):
+def test_mlm_nsp_trains_both_heads_and_exports_for_bert_pretraining(home, tmp_path):
+    from transformers import BertForPreTraining
+
     result = run(home, ["experiment=smoke-nsp", "trainer.max_steps=60", "trainer.eval_every=30", "trainer.log_every=1",
                         "run_name=nsp"])
     assert_learned(home, result, margin=0.6)
     assert 0.0 <= result.metrics["val/nsp_accuracy"] <= 1.0 and result.metrics["val/mlm_accuracy"] > 0.05
+    assert exported_val_loss(home, result, tmp_path, BertForPreTraining) == pytest.approx(
+        result.metrics["val/loss"], abs=1e-4)
 
 
 def test_contrastive_trains_with_negatives_from_both_workers(home):
