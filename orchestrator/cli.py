@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.launcher import train
     from orchestrator.redact import redact_value
-    from orchestrator.tracking import tracking_uri
+    from orchestrator.tracking import is_remote, tracking_uri
 
     cfg = load_config(args.overrides)
     result = train(cfg, args.overrides, address=args.address, worker_env=args.worker_env)
@@ -57,10 +57,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.mlflow_run_id:
         uri = redact_value(tracking_uri(cfg.tracking, cfg.paths.root))
         print(f"mlflow run:  {result.mlflow_run_id}  in {uri}")
-        print(f"browse:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+        browse = uri if is_remote(uri) else f"lmforge ui paths.root={cfg.paths.root}{ui_overrides(args.overrides)}"
+        print(f"browse:      {browse}")
     print(f"resume:      lmforge train resume={result.run_dir}")
     print(f"export:      lmforge export {result.run_dir} --out {cfg.paths.root}/export/{result.run_name}")
     return 0
+
+
+def ui_overrides(overrides: list[str]) -> str:
+    """The train command's overrides besides paths.root that decide where the MLflow store is."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("tracking", "tracking.tracking_uri")]
+    return "".join(f" {o}" for o in kept)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+    import signal
+    import subprocess
+
+    from orchestrator.config import load_config
+    from orchestrator.tracking import is_remote, tracking_uri, ui_command
+
+    cfg = load_config(args.overrides)
+    uri = tracking_uri(cfg.tracking, cfg.paths.root)
+    if is_remote(uri):
+        print(f"runs are on the tracking server {uri}; open it in a browser")
+        return 0
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(f"lmforge: warning: the MLflow UI on {args.host} is reachable from other machines and has no "
+              "authentication; for a shared server run `mlflow server --app-name basic-auth` instead",
+              file=sys.stderr)
+    print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    # Its own process group: Ctrl-C reaches only lmforge, which stops the server and its workers with SIGTERM
+    # (their graceful shutdown), instead of each printing a KeyboardInterrupt traceback.
+    server = subprocess.Popen(ui_command(cfg.tracking, cfg.paths.root, args.host, args.port), start_new_session=True)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        print("lmforge: MLflow UI stopped", file=sys.stderr)
+        return 0
 
 
 def speed_summary(metrics: dict) -> str:
@@ -133,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; resume=<run dir | MLflow run id>")
     train.set_defaults(func=cmd_train)
+
+    ui = commands.add_parser("ui", help="browse runs in the MLflow UI (bound to 127.0.0.1 unless --host)",
+                             parents=[verbosity])
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (to find the MLflow store)")
+    ui.set_defaults(func=cmd_ui)
 
     target_help = "a run directory, a checkpoint directory, or an MLflow run id"
     export = commands.add_parser("export", help="consolidate ZeRO shards into a Hugging Face model directory",

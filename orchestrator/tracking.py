@@ -11,6 +11,7 @@ import math
 import os
 import posixpath
 import re
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,6 +78,16 @@ def tracking_uri(cfg: TrackingConfig, root: str) -> str:
 
 def artifact_location(root: str) -> str:
     return (Path(root).resolve() / "mlartifacts").as_uri()
+
+
+def ui_command(cfg: TrackingConfig, root: str, host: str, port: int) -> list[str]:
+    """The MLflow UI (the tracking server) over this config's store, as `lmforge ui` runs it.
+
+    One worker: a laptop's UI serves one person, and each extra worker is another process holding the store.
+    """
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(cfg, root),
+            "--default-artifact-root", artifact_location(root), "--host", host, "--port", str(port),
+            "--workers", "1"]
 
 
 def is_remote(uri: str) -> bool:

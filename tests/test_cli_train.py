@@ -29,7 +29,9 @@ def test_smoke_train_then_export_and_generate(tmp_path):
     home = tmp_path / "home"
     out = lmforge("train", "experiment=smoke", env_home=home)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "checkpoints:" in out.stdout and "mlflow run:" in out.stdout and "127.0.0.1" in out.stdout
+    assert "checkpoints:" in out.stdout and "mlflow run:" in out.stdout
+    # `lmforge ui`, not a bare `mlflow ui` that is only on PATH inside the virtualenv.
+    assert re.search(rf"^browse:\s+lmforge ui paths.root={re.escape(str(home.resolve()))}$", out.stdout, re.M), out.stdout
     # The CPU preset names no peak FLOP/s, so there is no MFU to show rather than a made-up one.
     assert re.search(r"^speed: .* tokens/s, .* s/step, MFU n/a ", out.stdout, re.M), out.stdout
     # Quiet by default: no library log lines, warnings or tracebacks reach the user.
