@@ -81,3 +81,19 @@ def run_killing_a_worker(start, run_dir: str, checkpoint: str = "checkpoint_0000
     os.kill(victims[-1].pid, signal.SIGKILL)
     runner.join(timeout=400)
     return outcome["result"]
+
+
+def wait_serving(url: str, proc, seconds: float) -> bool:
+    """Poll `url`/health until it answers 200 (True), `proc` exits or `seconds` pass (False)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.25)
+    return False

@@ -6,12 +6,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from run_helpers import free_port
+from run_helpers import free_port, wait_serving
 
 from common.errors import LmforgeError
 from orchestrator.redact import REDACTED, is_secret_key, redact_value
@@ -203,16 +202,8 @@ class MlflowServer:
             cwd=self.dir, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # one process less to start
         log_file.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.25)
+        if wait_serving(self.uri, self.proc, timeout_s):
+            return
         log_tail = (self.dir / "server.log").read_text()[-2000:]
         self.kill()
         pytest.fail(f"mlflow server did not come up on {self.uri}:\n{log_tail}")

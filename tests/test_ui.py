@@ -5,12 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import psutil
-from run_helpers import free_port
+from run_helpers import free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,19 +17,6 @@ def start_ui(tmp_path, *args):
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", *args, f"paths.root={tmp_path}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, as a terminal's foreground job
-
-
-def wait_until_serving(url: str, proc, seconds: float = 90) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"MLflow UI never answered at {url}")
 
 
 def listening_addresses(pid: int) -> set[str]:
@@ -43,7 +28,7 @@ def test_ui_serves_the_local_store_on_loopback_and_stops_on_ctrl_c(tmp_path):
     port = free_port()
     proc = start_ui(tmp_path, "--port", str(port))
     try:
-        wait_until_serving(f"http://127.0.0.1:{port}", proc)
+        assert wait_serving(f"http://127.0.0.1:{port}", proc, 90), "the MLflow UI never answered"
         assert listening_addresses(proc.pid) == {"127.0.0.1"}
         # The store is the one `lmforge train` writes under paths.root.
         assert (tmp_path / "mlflow.db").is_file()
