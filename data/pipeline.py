@@ -71,7 +71,7 @@ def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool,
                                              cfg.tokenizer, roles, spec.sentinels)
         tokenizer.save_pretrained(str(out / "tokenizer"))
         tokenized = early or tokenize(chunks, tokenizer.backend_tokenizer.to_str(), engine)
-        splits = pack_and_write(cfg, out, tokenized, val_below, tokenizer, stats, progress, len(chunks), spec,
+        splits, fields = pack_and_write(cfg, out, tokenized, val_below, tokenizer, stats, progress, len(chunks), spec,
                                 seed)
     finally:
         if early is not None:  # bad input stops reading: do not finish tokenizing what was read
@@ -80,8 +80,6 @@ def build(cfg: DataConfig, out: Path, seed: int, engine: str, progress: bool,
             import ray
 
             ray.shutdown()
-    builder = make_builder(spec, cfg, tokenizer, seed)
-    fields = {name: token_dtype(len(tokenizer)).name if kind == "ids" else kind for name, kind in builder.fields.items()}
     samples = {"samples": asdict(spec), "fields": fields} if spec != CAUSAL_BLOCKS else {}
     return vocabulary_fields(tokenizer, len(tokenizer), out) | samples | {
         "special": special_ids(tokenizer, spec.sentinels), "splits": splits,
@@ -341,7 +339,7 @@ def make_builder(spec: SampleSpec, cfg: DataConfig, tokenizer, seed: int):
 
 
 def pack_and_write(cfg: DataConfig, out: Path, tokenized, val_below: int, tokenizer, stats: Counter,
-                   progress: bool, total: int, spec: SampleSpec = CAUSAL_BLOCKS, seed: int = 0) -> dict:
+                   progress: bool, total: int, spec: SampleSpec = CAUSAL_BLOCKS, seed: int = 0) -> tuple[dict, dict]:
     from tqdm import tqdm
 
     dtype = token_dtype(len(tokenizer))
@@ -371,7 +369,8 @@ def pack_and_write(cfg: DataConfig, out: Path, tokenized, val_below: int, tokeni
                                f"({docs[split]} documents); add data or raise data.val_fraction")
         splits[split] = {"documents": docs[split], "blocks": writers[split].samples,
                          "tokens": writers[split].tokens, "shards": shards}
-    return splits
+    # The manifest's field dtypes: what the writers stored (every split has the same fields).
+    return splits, {name: dtype.name for name, dtype in writers["train"].fields.items()}
 
 
 def field_dtypes(fields: dict[str, str], token: np.dtype) -> dict[str, np.dtype]:
