@@ -6,7 +6,11 @@ from omegaconf import II
 
 from common.errors import require
 
-SOURCES = ("embedded", "text", "jsonl", "csv", "parquet", "hf_disk", "webdataset", "tokens")
+SOURCES = ("embedded", "text", "jsonl", "csv", "parquet", "hf_disk", "webdataset", "tokens", "conll", "squad",
+           "builtin")
+# Sources of labelled records for fine-tuning: conll (token-per-line NER), squad (SQuAD JSON), builtin (data
+# that ships with lmforge or a package: see data.builtin); jsonl, csv, parquet and hf_disk serve both.
+RECORD_SOURCES = ("jsonl", "csv", "parquet", "hf_disk", "conll", "squad", "builtin")
 TOKENIZER_KINDS = ("byte_bpe", "wordpiece", "unigram", "pretrained")
 TEXT_UNITS = ("file", "paragraph", "line")
 ENGINES = ("auto", "ray", "local")
@@ -48,12 +52,38 @@ class CleanConfig:
 
 
 @dataclass
+class ColumnMap:
+    """Fine-tuning record keys -> the user's column names: data.column_map.text=review data.column_map.label=stars.
+    A key left null is read from the column of its own name."""
+
+    text: str | None = None  # seq_cls: the text, and text_pair for a second text (NLI, paraphrase)
+    text_pair: str | None = None
+    label: str | None = None  # seq_cls: a label name, or a list of names with objective.multi_label=true
+    tokens: str | None = None  # token_cls: a list of words, and tags: their BIO tags
+    tags: str | None = None
+    id: str | None = None  # extractive_qa: question id, question, context, and SQuAD-style answers
+    question: str | None = None
+    context: str | None = None
+    answers: str | None = None
+    source: str | None = None  # seq2seq: the input text and the target (summary, translation)
+    target: str | None = None
+    messages: str | None = None  # dialogue: [{role, content}, ...]
+
+    def column(self, key: str) -> str:
+        return getattr(self, key, None) or key
+
+
+@dataclass
 class DataConfig:
     name: str = "pydoc"
     source: str = "embedded"
     paths: list[str] = field(default_factory=list)  # files, globs, URLs, pipe: commands or fsspec URIs
     text_field: str = "text"  # record field (jsonl/csv/parquet/hf_disk) or member extension (webdataset)
     columns: list[str] = field(default_factory=list)  # if set, these fields joined by a blank line are the text
+    # Fine-tuning: which of the user's columns holds each record key a task reads (unnamed keys: the same name)
+    column_map: ColumnMap = field(default_factory=ColumnMap)
+    # Fine-tuning: validation records from these files; empty: val_fraction of data.paths, held out by record.
+    val_paths: list[str] = field(default_factory=list)
     text_unit: str = "file"  # source=text: one document per file, paragraph or line
     seq_len: int = II("model.max_seq_len")  # tokens per packed block
     val_fraction: float = 0.05  # held out by document, before tokenization

@@ -168,6 +168,7 @@ class Vocabulary:
     unk_id: int | None = None
     special_ids: tuple[int, ...] = ()  # every special token: never masked, noised or predicted as text
     sentinel_ids: tuple[int, ...] = ()  # <extra_id_0>, <extra_id_1>, ...: span corruption's placeholders
+    labels: tuple[str, ...] = ()  # a labelled fine-tuning task's label names, in id order
 
 
 def read_vocabulary(prepared: str | Path) -> Vocabulary:
@@ -176,7 +177,8 @@ def read_vocabulary(prepared: str | Path) -> Vocabulary:
     # Manifests written before bos_id was recorded came from tokenizers whose bos is their eos.
     return Vocabulary(meta["vocab_size"], meta.get("bos_id", meta["eos_id"]), meta["eos_id"], meta["pad_id"],
                       special.get("mask_id"), special.get("cls_id"), special.get("sep_id"), special.get("unk_id"),
-                      tuple(special.get("special_ids", ())), tuple(special.get("sentinel_ids", ())))
+                      tuple(special.get("special_ids", ())), tuple(special.get("sentinel_ids", ())),
+                      tuple(meta.get("labels", ())))
 
 
 def summarize(prepared: str | Path) -> str:

@@ -14,6 +14,9 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
     BertModel,
     PreTrainedModel,
     T5Config,
@@ -28,7 +31,9 @@ from model.gpt import hf_config as decoder_config
 
 HEADS = {
     "gpt2": {"causal_lm": "decoder"}, "llama": {"causal_lm": "decoder"},
-    "bert": {"masked_lm": BertForMaskedLM, "pretraining": BertForPreTraining, "encoder": BertModel},
+    "bert": {"masked_lm": BertForMaskedLM, "pretraining": BertForPreTraining, "encoder": BertModel,
+             "seq_cls": BertForSequenceClassification, "token_cls": BertForTokenClassification,
+             "qa": BertForQuestionAnswering},
     "t5": {"seq2seq_lm": T5ForConditionalGeneration, "encoder": T5EncoderModel},
 }
 # Input-embedding weight names, by architecture, in a saved state dict.
@@ -63,25 +68,29 @@ def hf_config(cfg: ModelConfig, vocab_size: int, bos_id=None, eos_id=None, pad_i
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int, head: str = "causal_lm", bos_id: int | None = None,
-                eos_id: int | None = None, pad_id: int | None = None, load_weights: bool = True) -> PreTrainedModel:
+                eos_id: int | None = None, pad_id: int | None = None, load_weights: bool = True,
+                head_config: dict | None = None) -> PreTrainedModel:
     """A model whose weights depend only on `seed` (identical on every rank), or the weights of
     `cfg.pretrained` when `load_weights` (export builds the structure only and loads a checkpoint into it).
 
     `vocab_size` is the data's (a tokenizer's length, or a token file's declared vocabulary); the special
-    ids only go into the HF config and may be None when the data has no tokenizer.
+    ids only go into the HF config and may be None when the data has no tokenizer. `head_config`: what a
+    fine-tuning task's head needs in the HF config (num_labels, id2label, label2id, problem_type).
     """
     cls = model_class(cfg, head)
     extra = {"add_pooling_layer": False} if cls is BertModel else {}  # a sentence encoder pools itself
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # a pretrained model's new head is initialised from the seed too
         if cfg.pretrained:
-            config = AutoConfig.from_pretrained(cfg.pretrained, local_files_only=True)
+            config = AutoConfig.from_pretrained(cfg.pretrained, local_files_only=True, **(head_config or {}))
             model = (cls.from_pretrained(cfg.pretrained, config=config, local_files_only=True, **extra)
                      if load_weights else cls(config, **extra))
             if vocab_size > model.get_input_embeddings().num_embeddings:  # the tokenizer gained sentinels
                 model.resize_token_embeddings(padded_vocab_size(cfg, vocab_size))
             return model
         config = hf_config(cfg, padded_vocab_size(cfg, vocab_size), bos_id, eos_id, pad_id)
+        for key, value in (head_config or {}).items():
+            setattr(config, key, value)
         # SDPA is the fast path on GPU and deterministic on CPU; eager is only needed for attention plots.
         config._attn_implementation = "sdpa" if cfg.arch != "t5" else "eager"
         return cls(config, **extra)

@@ -24,6 +24,22 @@ class ObjectiveConfig:
     temperature: float = 0.05
     pooling: str = "mean"
     gather_negatives: bool | None = None
+    # seq_cls: a record may carry several labels (a list), scored per label with a sigmoid
+    multi_label: bool = False
+    multi_label_threshold: float = 0.5
+    # extractive_qa: a long context is cut into windows of data.seq_len that overlap by doc_stride tokens;
+    # answers are the best of n_best start and end candidates, at most max_answer_length tokens long
+    doc_stride: int = 64
+    n_best: int = 20
+    max_answer_length: int = 30
+    allow_unanswerable: bool = False  # SQuAD 2.0: a question may have no answer in its context
+    # seq2seq: targets are cut to max_target_len tokens; evaluation generates with these settings
+    max_target_len: int = 64
+    num_beams: int = 1
+    max_new_tokens: int = 64
+    source_prefix: str = ""  # prepended to every source, as T5 was trained ("summarize: ")
+    # dialogue: only the assistant's turns carry loss; the system prompt used when a conversation has none
+    system_prompt: str = ""
 
     def validate(self, at: str = "objective") -> None:
         from model.objectives import OBJECTIVES
@@ -36,4 +52,8 @@ class ObjectiveConfig:
         require(0.0 < self.noise_density < 1.0, f"{at}.noise_density", self.noise_density, "a float in (0, 1)")
         require(self.mean_span_length >= 1.0, f"{at}.mean_span_length", self.mean_span_length, "a float >= 1")
         require(self.temperature > 0, f"{at}.temperature", self.temperature, "a float > 0")
+        require(0.0 < self.multi_label_threshold < 1.0, f"{at}.multi_label_threshold", self.multi_label_threshold,
+                "a float in (0, 1)")
+        for key in ("doc_stride", "n_best", "max_answer_length", "max_target_len", "num_beams", "max_new_tokens"):
+            require(getattr(self, key) >= 1, f"{at}.{key}", getattr(self, key), "an integer >= 1")
         require(self.pooling in POOLINGS, f"{at}.pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
