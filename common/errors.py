@@ -13,3 +13,8 @@ def require(ok: bool, key: str, value: object, allowed: str) -> None:
     """Raise a ConfigError naming `key`, its bad `value` and what would be accepted."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed; expected {allowed}")
+
+
+class BadRecord(ValueError):
+    """A fine-tuning record a task cannot use. The message says what is wrong with it, not where: the data
+    preparation that knows the file and line adds that, or counts the record as skipped (data.lenient)."""

@@ -26,10 +26,10 @@ SMALL_SOURCES = ("embedded",)  # tokenized in-process under engine=auto unless a
 
 def input_fingerprint(cfg: DataConfig) -> list:
     """Path, size and mtime of each local input, so an edited file rebuilds; remote inputs by URL only."""
-    if cfg.source == "embedded":
+    if cfg.source in ("embedded", "builtin"):  # both ship with lmforge (or a package): no files of the user's
         return []
     prints = []
-    for path in expand_paths(cfg.paths, cfg.source):
+    for path in expand_paths(list(cfg.paths) + list(cfg.val_paths), cfg.source):
         if is_remote(path):
             prints.append([path])
         else:
@@ -38,20 +38,23 @@ def input_fingerprint(cfg: DataConfig) -> list:
     return prints
 
 
-def data_key(cfg: DataConfig, seed: int, spec: SampleSpec = CAUSAL_BLOCKS) -> str:
+def data_key(cfg: DataConfig, seed: int, spec: SampleSpec = CAUSAL_BLOCKS, task: dict | None = None) -> str:
     config = asdict(cfg)
     config.pop("engine")  # every engine writes identical output
     config.pop("prepared_dir")
     key = {"data": config, "seed": seed, "format": FORMAT_VERSION, "inputs": input_fingerprint(cfg)}
     if spec.key() is not None:  # causal-LM blocks keep the key they had before objectives chose samples
         key["samples"] = spec.key()
+    if task is not None:  # a fine-tuning task: its name and the settings its sample builder reads
+        key["task"] = task
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepared_path(cfg: DataConfig, root: str | Path, seed: int, spec: SampleSpec = CAUSAL_BLOCKS) -> Path:
+def prepared_path(cfg: DataConfig, root: str | Path, seed: int, spec: SampleSpec | None = CAUSAL_BLOCKS,
+                  task: dict | None = None) -> Path:
     base = Path(cfg.prepared_dir).expanduser() if cfg.prepared_dir else Path(root) / "data"
-    return base / f"{cfg.name}-{data_key(cfg, seed, spec)}"
+    return base / f"{cfg.name}-{data_key(cfg, seed, spec or CAUSAL_BLOCKS, task)}"
 
 
 def choose_engine(cfg: DataConfig) -> str:
@@ -68,13 +71,15 @@ def choose_engine(cfg: DataConfig) -> str:
 
 def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: str | None = None,
                           progress: bool = False, worker_env: dict[str, str] | None = None,
-                          spec: SampleSpec = CAUSAL_BLOCKS) -> Path:
+                          spec: SampleSpec | None = CAUSAL_BLOCKS, task=None, task_cfg=None) -> Path:
     """Return the prepared directory for `cfg`, building it if this exact config and input were never prepared.
 
     `engine` overrides `cfg.engine` (ray: Ray Data map_batches; local: this process). `worker_env` goes to
     the Ray Data job's workers when preparing starts Ray itself. `spec`: the samples the objective trains on.
+    `task` (a fine-tuning task class) and `task_cfg` (its objective config): build the task's samples from
+    labelled records instead (data.finetune), in this process.
     """
-    out = prepared_path(cfg, root, seed, spec)
+    out = prepared_path(cfg, root, seed, spec, task_key(task, task_cfg))
     if (out / MANIFEST).is_file():
         return out
     from data.pipeline import build
@@ -85,7 +90,12 @@ def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = build(cfg, tmp, seed, engine, progress, worker_env, spec)
+        if task is not None:
+            from data.finetune import build_task_data
+
+            manifest = build_task_data(cfg, tmp, seed, task, task_cfg, progress)
+        else:
+            manifest = build(cfg, tmp, seed, engine, progress, worker_env, spec or CAUSAL_BLOCKS)
         manifest = {"format": FORMAT_VERSION, "name": cfg.name, "source": cfg.source, "seq_len": cfg.seq_len,
                     "packed": cfg.packed, "dtype": shard_dtype(manifest["vocab_size"]), "seed": seed,
                     "key": out.name, **manifest, "inputs": input_fingerprint(cfg), "config": asdict(cfg)}
@@ -99,6 +109,17 @@ def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: 
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+TASK_FORMAT = 1  # bump when a task's samples change for the same records and settings
+
+
+def task_key(task, task_cfg) -> dict | None:
+    """What of a fine-tuning task goes into the prepared data's key: its name, the settings its builder reads
+    (all of the objective config, to be safe) and the task format."""
+    if task is None:
+        return None
+    return {"name": task.name, "objective": asdict(task_cfg), "format": TASK_FORMAT}
 
 
 def remove_abandoned(base: Path) -> list[Path]:

@@ -45,6 +45,7 @@ class Restored:
     step: int
     loader_state: dict
     world_size: int
+    selection: dict | None = None  # model selection's state (orchestrator.selection), for early stopping
 
 
 def dir_name(step: int) -> str:
@@ -276,12 +277,14 @@ def remove_rejected(found: Scan, say) -> None:
         remove(uri)
 
 
-def prune(run_dir: str, keep_last: int, newest_step: int) -> None:
-    """After a commit: keep the newest `keep_last` complete checkpoints, and drop incomplete directories older
-    than the one just committed (saves that were interrupted); lmforge, not Ray, decides what is kept."""
+def prune(run_dir: str, keep_last: int, newest_step: int, keep_steps: set[int] = frozenset()) -> None:
+    """After a commit: keep the newest `keep_last` complete checkpoints and those of `keep_steps` (the best
+    one), and drop incomplete directories older than the one just committed (saves that were interrupted);
+    lmforge, not Ray, decides what is kept."""
     found = scan(run_dir)
-    for _, uri in found.complete[:-keep_last]:
-        remove(uri)
+    for step, uri in found.complete[:-keep_last]:
+        if step not in keep_steps:
+            remove(uri)
     for uri, _ in found.rejected:
         if step_of(uri) < newest_step:
             remove(uri)
@@ -328,7 +331,8 @@ def restore(engine, checkpoint_dir: Path, rank: int, reshard: bool = False) -> R
         # A different world size has no one-to-one RNG mapping; derive a fresh, reproducible state.
         seed = (marker["config"]["seed"] * 1_000_003 + marker["step"] * 1_009 + rank) % 2**31
         torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
-    return Restored(step=marker["step"], loader_state=marker["loader"], world_size=marker["world_size"])
+    return Restored(step=marker["step"], loader_state=marker["loader"], world_size=marker["world_size"],
+                    selection=marker.get("selection"))
 
 
 def data_identity(prepared: str, shuffle: bool) -> dict:

@@ -116,12 +116,12 @@ def speed_summary(metrics: dict) -> str:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from data.prepared import MANIFEST, prepared_path, summarize
+    from data.prepared import MANIFEST, summarize
     from orchestrator.config import load_config
-    from orchestrator.launcher import prepare_data, sample_spec
+    from orchestrator.launcher import prepare_data, prepared_location
 
     cfg = load_config(args.overrides)
-    cached = (prepared_path(cfg.data, cfg.paths.root, cfg.seed, sample_spec(cfg)) / MANIFEST).is_file()
+    cached = (prepared_location(cfg) / MANIFEST).is_file()
     # engine=auto: Ray Data when a cluster is given (RAY_ADDRESS or a running Ray), else this process.
     out = prepare_data(cfg, progress=True, worker_env=args.worker_env)
     print(("reused " if cached else "") + summarize(out))
@@ -129,11 +129,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
     from orchestrator.config import load_config
     from orchestrator.export import export
 
-    out = export(args.target, args.out, load_config(args.overrides))
-    print(f"exported to {out}  (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    out = export(args.target, args.out, load_config(args.overrides), best=args.best)
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported to {out}  (load with transformers.{architecture}.from_pretrained({str(out)!r}))")
     return 0
 
 
@@ -143,6 +146,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     print(generate(args.target, args.prompt, load_config(args.overrides), max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed))
+    return 0
+
+
+def data_given(overrides: list[str]) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "data" for o in overrides)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from orchestrator import inference
+    from orchestrator.config import load_config
+
+    cfg = load_config(args.overrides)
+    trained = inference.load(args.target, cfg, best=args.best)
+    metrics, report = inference.evaluate(trained, cfg, data_given(args.overrides), args.batch_size)
+    out = Path(args.report) if args.report else (
+        Path(trained.run["run_dir"]) / "eval" if trained.run.get("run_dir") and "://" not in trained.run["run_dir"]
+        else Path.cwd()) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"{report['task']} on {report['data']}: {report['examples']} examples")
+    print(inference.table(metrics, report["baseline"]))
+    print(f"report:      {out}")
+    if trained.run.get("mlflow_run_id") and cfg.tracking.backend == "mlflow":
+        inference.log_to_run(cfg, trained.run["mlflow_run_id"], metrics, [out], "eval")
+        print(f"mlflow run:  {trained.run['mlflow_run_id']} (metrics eval/*, artifact eval/{out.name})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from model.tasks import is_task
+    from orchestrator import inference
+    from orchestrator.config import load_config
+
+    trained = inference.load(args.target, load_config(args.overrides), best=args.best)
+    task = trained.task()
+    if not is_task(type(task)):
+        raise LmforgeError(f"objective={task.name} is a pretraining objective; use `lmforge generate` to sample "
+                           f"text from it")
+    for i, text in enumerate(args.texts):
+        if len(args.texts) > 1:
+            print(f"[{i + 1}] {text}")
+        print(task.show(task.infer(trained.model, trained.tokenizer, text, context=args.context)))
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orchestrator import inference
+    from orchestrator.attention import attention_maps
+    from orchestrator.config import load_config
+
+    cfg = load_config(args.overrides)
+    trained = inference.load(args.target, cfg, best=args.best)
+    paths = attention_maps(trained.model, trained.tokenizer, args.text, Path(args.out), layer=args.layer)
+    for path in paths:
+        print(f"wrote {path}")
+    if trained.run.get("mlflow_run_id") and cfg.tracking.backend == "mlflow":
+        inference.log_to_run(cfg, trained.run["mlflow_run_id"], {}, paths, "attention")
+        print(f"mlflow run:  {trained.run['mlflow_run_id']} (artifacts attention/)")
     return 0
 
 
@@ -191,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  parents=[verbosity])
     export.add_argument("target", help=target_help)
     export.add_argument("--out", required=True, help="output directory (config, safetensors, tokenizer)")
+    export.add_argument("--best", action="store_true",
+                        help="the run's best checkpoint by trainer.monitor, instead of its newest")
     export.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (to find the MLflow store)")
     export.set_defaults(func=cmd_export)
 
@@ -204,6 +273,36 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (to find the MLflow store)")
     generate.set_defaults(func=cmd_generate)
+
+    any_target = target_help + ", or an export directory"
+    evaluate = commands.add_parser("eval", help="score a fine-tuned model on a dataset: JSON report, table, MLflow",
+                                   parents=[verbosity])
+    evaluate.add_argument("target", help=any_target)
+    evaluate.add_argument("--best", action="store_true", help="a run's best checkpoint instead of its newest")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--report", help="where the JSON report goes (default: <run>/eval/eval-<time>.json)")
+    evaluate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; data.*: the records to score (default: "
+                                                       "the run's validation split)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    predict = commands.add_parser("predict", help="run a fine-tuned model on texts: labels, entities, answers, "
+                                  "summaries, replies", parents=[verbosity])
+    predict.add_argument("target", help=any_target)
+    predict.add_argument("texts", nargs="+", metavar="text", help="input text(s); for QA, the question(s)")
+    predict.add_argument("--context", help="extractive_qa: the passage to answer from; seq_cls: a second text")
+    predict.add_argument("--best", action="store_true", help="a run's best checkpoint instead of its newest")
+    predict.add_argument("--overrides", nargs="*", default=[], help=OVERRIDES_HELP + " (to find the MLflow store)")
+    predict.set_defaults(func=cmd_predict)
+
+    attention = commands.add_parser("attention", help="plot a model's attention over a text (PNG per layer and "
+                                    "per head)", parents=[verbosity])
+    attention.add_argument("target", help=any_target)
+    attention.add_argument("text")
+    attention.add_argument("--layer", type=int, help="the layer whose heads are plotted (default: the last)")
+    attention.add_argument("--out", default="attention", help="output directory (default: ./attention)")
+    attention.add_argument("--best", action="store_true", help="a run's best checkpoint instead of its newest")
+    attention.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (to find the MLflow store)")
+    attention.set_defaults(func=cmd_attention)
     return parser
 
 

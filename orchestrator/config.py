@@ -75,10 +75,10 @@ def load_config(overrides: list[str] = ()) -> LmforgeConfig:
         typed: LmforgeConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
+    typed.paths.root = str(Path(typed.paths.root).expanduser().resolve())
     apply_pretrained(typed)
     if not typed.resume:  # a resumed run is validated once its saved config is merged in (launcher.apply_resume)
         typed.validate()
-    typed.paths.root = str(Path(typed.paths.root).expanduser().resolve())
     return typed
 
 
@@ -90,8 +90,14 @@ def apply_pretrained(cfg: LmforgeConfig) -> None:
     from common.errors import LmforgeError
     from model.build import pretrained_shape
 
-    cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
+    given = Path(cfg.model.pretrained).expanduser()
     try:
+        if not (given / "config.json").is_file():
+            # An lmforge run, checkpoint or MLflow run id: start from its checkpoint, exported once.
+            from orchestrator.export import pretrained_from_run
+
+            given = pretrained_from_run(cfg.model.pretrained, cfg)
+        cfg.model.pretrained = str(given.resolve())
         shape = pretrained_shape(cfg.model.pretrained, cfg.model.arch)
     except LmforgeError as e:
         raise ConfigError(str(e)) from None

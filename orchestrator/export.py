@@ -19,8 +19,10 @@ from orchestrator.quiet import muted
 from orchestrator.schema import LmforgeConfig
 
 
-def load_trained(target: str, cfg: LmforgeConfig):
-    """(model, tokenizer, marker) for a run dir, checkpoint dir or MLflow run id; weights in fp32."""
+def load_trained(target: str, cfg: LmforgeConfig, best: bool = False):
+    """(model, tokenizer, marker) for a run dir, checkpoint dir or MLflow run id; weights in fp32. With
+    `best`, the run's best checkpoint by its monitored metric (orchestrator.selection) instead of its newest.
+    The marker also holds "uri" (the checkpoint read) and "run" (the run's info file, when there is one)."""
     if os.environ.get("LMFORGE_VERBOSE") != "1":
         from transformers.utils import logging as hf_logging
 
@@ -29,6 +31,10 @@ def load_trained(target: str, cfg: LmforgeConfig):
     for uri, why in found.rejected:  # export only reads: the run's next training start removes them
         print(f"lmforge: {checkpoint.skipped_line(uri, why)}", file=sys.stderr)
     ckpt = found.checkpoint
+    if best:
+        from orchestrator.selection import best_checkpoint
+
+        ckpt, _ = best_checkpoint(found.run_dir, cfg.checkpoint.verify)
     if ckpt is None:
         raise LmforgeError(f"{target} has no complete checkpoint yet")
     with tempfile.TemporaryDirectory(prefix="lmforge-export-") as tmp:
@@ -39,13 +45,18 @@ def load_trained(target: str, cfg: LmforgeConfig):
         tokenizer = load_tokenizer(local / "tokenizer") if (local / "tokenizer").is_dir() else None
         state = consolidated_state_dict(local, saved.hardware.zero_stage)
         ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if tokenizer else ()
-        head = get_objective(saved.objective.name).head
+        objective = get_objective(saved.objective.name)
+        from orchestrator.worker import head_config
+
         # The structure only: the weights come from the checkpoint, not from model.pretrained's files.
-        model = build_model(saved.model, embedding_rows(state), saved.seed, head, *ids, load_weights=False)
+        model = build_model(saved.model, embedding_rows(state), saved.seed, objective.head, *ids, load_weights=False,
+                            head_config=head_config(objective, saved.objective, tuple(marker.get("labels", ()))))
     load_weights(model, state, f"checkpoint {ckpt} does not match model {saved.model.name}")
     model.tie_weights()
     model.config.use_cache = True
-    return model.eval(), tokenizer, marker
+    info = runs.read_run_info(found.run_dir) or {}
+    return model.eval(), tokenizer, marker | {"uri": ckpt, "run": {k: info.get(k) for k in ("run_name", "mlflow_run_id")}
+                                              | {"run_dir": found.run_dir}}
 
 
 # Buffers HF registers without saving them, recomputed at load: nothing a checkpoint needs to hold.
@@ -75,8 +86,8 @@ def consolidated_state_dict(local: Path, zero_stage: int) -> dict[str, torch.Ten
         return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=checkpoint.DS_TAG)
 
 
-def export(target: str, out: str, cfg: LmforgeConfig) -> Path:
-    model, tokenizer, marker = load_trained(target, cfg)
+def export(target: str, out: str, cfg: LmforgeConfig, best: bool = False) -> Path:
+    model, tokenizer, marker = load_trained(target, cfg, best)
     out_dir = Path(out).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -87,9 +98,31 @@ def export(target: str, out: str, cfg: LmforgeConfig) -> Path:
         from model.sentence import save_sentence_transformer
 
         save_sentence_transformer(out_dir, saved.objective.pooling, saved.data.seq_len)
-    (out_dir / "lmforge_export.json").write_text(
-        json.dumps({"step": marker["step"], "metrics": marker["metrics"]}, indent=1))
+    # What lmforge eval / predict need to use the export as the run would (its task and settings), and the
+    # lineage a fine-tuning run started from it records.
+    origin = {"step": marker["step"], "metrics": marker["metrics"], "checkpoint": marker["uri"], **marker["run"],
+              "objective": marker["config"]["objective"], "data": {"seq_len": saved.data.seq_len},
+              "labels": marker.get("labels", [])}
+    (out_dir / EXPORT_INFO).write_text(json.dumps(origin, indent=1))
     return out_dir
+
+
+EXPORT_INFO = "lmforge_export.json"
+
+
+def pretrained_from_run(target: str, cfg: LmforgeConfig) -> Path:
+    """model.pretrained= an lmforge run directory, checkpoint directory or MLflow run id: its checkpoint
+    exported once to <paths.root>/pretrained/<run>-step<N> (reused after), an HF directory to start from."""
+    found = runs.resolve(target, cfg, checksums=cfg.checkpoint.verify)
+    if found.checkpoint is None:
+        raise LmforgeError(f"model.pretrained={target} has no complete checkpoint yet")
+    step = checkpoint.read_marker(found.checkpoint)["step"]
+    out = Path(cfg.paths.root) / "pretrained" / f"{found.run_dir.rstrip('/').rsplit('/', 1)[-1]}-step{step}"
+    if not (out / EXPORT_INFO).is_file():
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        export(found.checkpoint, str(tmp), cfg)
+        tmp.rename(out)  # a finished export or none: an interrupted one is never mistaken for it
+    return out
 
 
 def generate(target: str, prompt: str, cfg: LmforgeConfig, max_new_tokens: int = 64,

@@ -137,6 +137,9 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
             return TrainResult(run_name, run_dir, plan.mlflow_run_id, {}, plan.checkpoint, None, {}, wall_started,
                                already_done=f"reached step {plan.step} of trainer.max_steps="
                                             f"{cfg.trainer.max_steps} already")
+        if plan.checkpoint and checkpoint.read_marker(plan.checkpoint).get("stopped_early"):
+            return TrainResult(run_name, run_dir, plan.mlflow_run_id, {}, plan.checkpoint, None, {}, wall_started,
+                               already_done=f"stopped early at step {plan.step} (trainer.early_stopping_patience)")
     else:
         plan, run_name = None, cfg.run_name or runs.default_run_name(cfg)
         run_dir = f"{runs.storage_root(cfg)}/{run_name}"
@@ -185,9 +188,29 @@ def sample_spec(cfg: LmforgeConfig):
     return get_objective(cfg.objective.name).sample_spec(cfg.objective)
 
 
+def samples_wanted(cfg: LmforgeConfig) -> dict:
+    """What the prepared data is built to: a pretraining objective's sample spec, or a fine-tuning task's
+    samples from labelled records (data.finetune)."""
+    from model.objectives import get_objective
+    from model.tasks import is_task
+
+    objective = get_objective(cfg.objective.name)
+    if is_task(objective):
+        return {"task": objective, "task_cfg": cfg.objective}
+    return {"spec": sample_spec(cfg)}
+
+
+def prepared_location(cfg: LmforgeConfig) -> Path:
+    from data.prepared import prepared_path, task_key
+
+    wanted = samples_wanted(cfg)
+    return prepared_path(cfg.data, cfg.paths.root, cfg.seed, wanted.get("spec"),
+                         task_key(wanted.get("task"), wanted.get("task_cfg")))
+
+
 def prepare_data(cfg: LmforgeConfig, **options) -> Path:
-    """The run's prepared corpus, built to its objective's samples (see data.prepared.prepare_training_data)."""
-    return prepare_training_data(cfg.data, cfg.paths.root, cfg.seed, spec=sample_spec(cfg), **options)
+    """The run's prepared data, built to its objective's samples (see data.prepared.prepare_training_data)."""
+    return prepare_training_data(cfg.data, cfg.paths.root, cfg.seed, **samples_wanted(cfg), **options)
 
 
 def check_resumable_data(plan: resume.Resume, prepared: str, cfg: LmforgeConfig, overrides: list[str]) -> None:
@@ -203,7 +226,7 @@ def start_tracking_and_ray(cfg: LmforgeConfig, plan, run_name: str, run_dir: str
     store takes seconds, so it overlaps Ray's start-up; if Ray cannot start, the run is not left RUNNING."""
     from orchestrator.tracking import run_status, start_run
 
-    tags = {"lmforge.run_dir": run_dir, "lmforge.prepared_data": prepared}
+    tags = {"lmforge.run_dir": run_dir, "lmforge.prepared_data": prepared} | pretrained_tags(cfg)
     if plan is not None and plan.parent:
         tags |= {"lmforge.parent_run_dir": plan.parent["run_dir"], "lmforge.parent_checkpoint": plan.checkpoint,
                  "lmforge.parent_step": plan.step, "mlflow.parentRunId": plan.parent["mlflow_run_id"] or ""}
@@ -229,6 +252,23 @@ def start_tracking_and_ray(cfg: LmforgeConfig, plan, run_name: str, run_dir: str
                                f"{redact_value(str(error).splitlines()[0] if str(error) else '')}") from None
         run_id, before = tracking.result()
     return run_id, before, embedded
+
+
+def pretrained_tags(cfg: LmforgeConfig) -> dict[str, str]:
+    """The lineage of a run that starts from model.pretrained: the lmforge run and checkpoint it came from
+    (recorded in the export's lmforge_export.json), or the published model's directory."""
+    if not cfg.model.pretrained:
+        return {}
+    import json
+
+    tags = {"lmforge.parent_dir": cfg.model.pretrained}
+    info_file = Path(cfg.model.pretrained) / "lmforge_export.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        tags |= {"lmforge.parent_run_id": info.get("mlflow_run_id") or "", "lmforge.parent_run_dir":
+                 info.get("run_dir") or "", "lmforge.parent_checkpoint": info.get("checkpoint") or "",
+                 "lmforge.parent_step": str(info.get("step", ""))}
+    return {k: v for k, v in tags.items() if v}
 
 
 def end_failed(cfg: LmforgeConfig, run_id: str | None, status_before: str | None, trained: bool) -> None:

@@ -84,6 +84,12 @@ class TrainerConfig:
     # A step whose gradients hold inf/NaN: false stops the run at the next logged step with a clear error
     # (no checkpoint is written from it); true has DeepSpeed skip it, at a device sync per step (bf16 only).
     skip_nonfinite_steps: bool = False
+    # Model selection: the validation metric that picks the best checkpoint and stops early; null: the
+    # objective's own (a fine-tuning task's headline metric such as val/f1, else val/loss) and its direction.
+    monitor: str | None = None
+    monitor_mode: str | None = None  # min or max
+    early_stopping_patience: int = 0  # evaluations without improvement before the run stops; 0: never stops
+    early_stopping_min_delta: float = 0.0  # a change smaller than this is no improvement
 
     def validate(self, at: str = "trainer") -> None:
         for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every", "eval_batches"):
@@ -99,6 +105,14 @@ class TrainerConfig:
         require(self.grad_clip >= 0, f"{at}.grad_clip", self.grad_clip, "a float >= 0")
         require(self.max_failures >= -1, f"{at}.max_failures", self.max_failures, "an integer >= 0, or -1 for no limit")
         require(self.eval_every >= 0, f"{at}.eval_every", self.eval_every, "an integer >= 0")
+        require(self.monitor is None or self.monitor.startswith("val/"), f"{at}.monitor", self.monitor,
+                "null or a validation metric such as val/loss, val/accuracy, val/f1")
+        require(self.monitor_mode in (None, "min", "max"), f"{at}.monitor_mode", self.monitor_mode,
+                "null, min or max")
+        require(self.early_stopping_patience >= 0, f"{at}.early_stopping_patience", self.early_stopping_patience,
+                "an integer >= 0")
+        require(self.early_stopping_min_delta >= 0, f"{at}.early_stopping_min_delta",
+                self.early_stopping_min_delta, "a float >= 0")
 
 
 @dataclass
@@ -109,6 +123,9 @@ class CheckpointConfig:
     # Resume always checks that every file of a checkpoint is present at the size its marker records; this
     # also reads every byte back to compare checksums (slow on object storage, catches silent corruption).
     verify: bool = False
+    # Also keep the best checkpoint by trainer.monitor: an evaluation that improves it saves a checkpoint,
+    # which pruning spares; `lmforge export --best` exports it.
+    keep_best: bool = True
 
     def validate(self, at: str = "checkpoint") -> None:
         require(self.every >= 1, f"{at}.every", self.every, "an integer >= 1")

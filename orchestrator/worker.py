@@ -22,6 +22,7 @@ from orchestrator.engine import build_engine
 from orchestrator.metrics import StepMeter
 from orchestrator.quiet import silence_loggers
 from orchestrator.redact import redact_config
+from orchestrator.selection import Selection
 from orchestrator.tracker import RunTracker
 
 
@@ -40,6 +41,8 @@ class Job:
     run_dir: str
     prepared: str
     data_identity: dict  # what the loader's position means; saved with it
+    selection: Selection  # best checkpoint and early stopping, by a validation metric
+    references: list | None = None  # a fine-tuning task's validation truth, read at its first evaluation
 
 
 def train_loop(loop_config: dict) -> None:
@@ -60,7 +63,8 @@ def train_loop(loop_config: dict) -> None:
     vocab, tokenizer, objective_class = read_vocabulary(prepared), open_tokenizer(prepared), get_objective(
         cfg.objective.name)
     model = build_model(cfg.model, vocab.size, cfg.seed, objective_class.head, bos_id=vocab.bos_id,
-                        eos_id=vocab.eos_id, pad_id=vocab.pad_id)
+                        eos_id=vocab.eos_id, pad_id=vocab.pad_id,
+                        head_config=head_config(objective_class, cfg.objective, vocab.labels))
     num_params = sum(p.numel() for p in model.parameters())
     startup["model_built"] = time.time()
     resume_from, saved_world_size = choose_checkpoint(loop_config, cfg, rank, progress)
@@ -71,7 +75,7 @@ def train_loop(loop_config: dict) -> None:
                              cfg.data.shuffle)
     objective = objective_class(cfg.objective, vocab, cfg.seed, tokenizer, world_size)
     job = Job(cfg, rank, world_size, engine, loader, objective, tokenizer, None, progress, loop_config["run_dir"],
-              prepared, checkpoint.data_identity(prepared, cfg.data.shuffle))
+              prepared, checkpoint.data_identity(prepared, cfg.data.shuffle), Selection.for_run(cfg, objective_class))
 
     step = 0
     if resume_from is not None:
@@ -80,6 +84,7 @@ def train_loop(loop_config: dict) -> None:
         step = restored.step
         checkpoint.check_same_data(restored.loader_state, job.data_identity, resume_from)
         loader.load_state_dict(restored.loader_state)
+        job.selection.load(restored.selection)
     trace_samples(loader, rank)
 
     job.tracker = RunTracker(cfg.tracking, cfg.paths.root, loop_config["mlflow_run_id"]) if rank == 0 else None
@@ -129,12 +134,21 @@ def train_steps(job: Job, step: int, num_params: int, startup: dict) -> None:
             break
         if log_due:
             last |= {f"train/{k}": v for k, v in meter.read().items()}
+        stop = False
         if eval_due:
-            last |= evaluate(engine, job.objective, job.prepared, cfg, rank, job.world_size)
+            last |= evaluate_job(job)
+            # The best model must exist in storage: an evaluation that improves the monitored metric saves.
+            save_due |= job.selection.update(last, step) and cfg.checkpoint.keep_best
+            stop = job.selection.should_stop and step < tr.max_steps
+            save_due |= stop
         if log_due or eval_due:
             publish(rank, tracker, progress, last, step)
         if save_due:
-            save_and_report(job, step, last)
+            save_and_report(job, step, last, evaluated=eval_due, stopped_early=stop)
+        if stop:
+            if rank == 0:
+                notify(progress, job.selection.stop_message(step))
+            break
 
 
 def choose_checkpoint(loop_config: dict, cfg, rank: int, progress) -> tuple[str | None, int | None]:
@@ -279,6 +293,30 @@ def stop_diverged(rank: int, tracker, progress, metrics: dict, step: int, messag
         progress.put({"event": "failed", "message": message})
 
 
+def head_config(objective_class, objective_cfg, labels) -> dict | None:
+    """What a fine-tuning task's head needs in the model config (labels); None for pretraining objectives."""
+    from model.tasks import is_task
+
+    return objective_class.head_config(objective_cfg, labels) if is_task(objective_class) else None
+
+
+def evaluate_job(job: Job) -> dict[str, float]:
+    """Validation metrics: a task's over every validation sample (orchestrator.evaluate), an objective's
+    over its fixed evaluation batches."""
+    from model.tasks import is_task
+
+    if not is_task(type(job.objective)):
+        return evaluate(job.engine, job.objective, job.prepared, job.cfg, job.rank, job.world_size)
+    from data.finetune import read_references
+    from orchestrator.evaluate import evaluate_task
+
+    if job.references is None:
+        job.references = read_references(job.prepared)
+    metrics = evaluate_task(job.engine, job.objective, open_split(job.prepared, "val"), job.references,
+                            job.cfg.trainer.micro_batch_size, job.engine.device, job.rank, job.world_size)
+    return {f"val/{k}": v for k, v in metrics.items()}
+
+
 @torch.no_grad()
 def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int) -> dict[str, float]:
     """The objective's validation metrics over the same fixed, unshuffled samples every time, split across
@@ -310,7 +348,7 @@ def publish(rank: int, tracker, progress, metrics: dict, step: int) -> None:
         progress.put({"event": "metrics", "step": step, **metrics})
 
 
-def save_and_report(job: Job, step: int, metrics: dict) -> None:
+def save_and_report(job: Job, step: int, metrics: dict, evaluated: bool = False, stopped_early: bool = False) -> None:
     """Every rank saves its shards and Ray uploads them; once every upload has returned, rank 0 commits the
     checkpoint by writing its marker into storage, then prunes old checkpoints."""
     cfg, rank, world_size = job.cfg, job.rank, job.world_size
@@ -331,6 +369,9 @@ def save_and_report(job: Job, step: int, metrics: dict) -> None:
     checkpoint.crash_before_commit(step)
     files = {name: digest for rank_files in everyone for name, digest in rank_files.items()}
     checkpoint.commit(uri, {"format": 2, "step": step, "world_size": world_size, "loader": loader_state,
-                            "metrics": metrics, "config": redact_config(to_dict(cfg)), "files": files})
-    checkpoint.prune(job.run_dir, cfg.checkpoint.keep_last, step)
+                            "metrics": metrics, "config": redact_config(to_dict(cfg)), "files": files,
+                            "labels": list(job.objective.vocab.labels), "selection": job.selection.state(),
+                            "evaluated": evaluated, "stopped_early": stopped_early})
+    keep = {job.selection.best_step} if cfg.checkpoint.keep_best and job.selection.best_step is not None else set()
+    checkpoint.prune(job.run_dir, cfg.checkpoint.keep_last, step, keep_steps=keep)
     job.tracker.log_checkpoint(step, uri, sum(f["size"] for f in files.values()), metrics)

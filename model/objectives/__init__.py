@@ -11,5 +11,16 @@ OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls for cls in (CausalLM, MaskedLM, MaskedLMWithNSP, SpanCorruption, Contrastive)}
 
 
+def objective_names() -> tuple[str, ...]:
+    """Pretraining objectives, then fine-tuning tasks (model/tasks/)."""
+    from model.tasks import TASKS
+
+    return tuple(OBJECTIVES) + tuple(TASKS)
+
+
 def get_objective(name: str) -> type[Objective]:
-    return OBJECTIVES[name]
+    if name in OBJECTIVES:
+        return OBJECTIVES[name]
+    from model.tasks import get_task
+
+    return get_task(name)

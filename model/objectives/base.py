@@ -29,6 +29,9 @@ class Objective:
     name: str = ""
     head: str = ""  # the model head the builder must add: causal_lm, masked_lm, pretraining, seq2seq_lm, encoder
     families: tuple[str, ...] = ()  # model families it trains: decoder, encoder, encoder_decoder
+    # The validation metric that picks the best checkpoint by default, and whether higher is better.
+    selection_metric: str = "val/loss"
+    selection_mode: str = "min"
 
     def __init__(self, cfg, vocab, seed: int, tokenizer=None, world_size: int = 1):
         """`cfg`: the ObjectiveConfig; `vocab`: data.prepared.Vocabulary (size and special ids); `tokenizer`:

@@ -42,9 +42,9 @@ class ObjectiveConfig:
     system_prompt: str = ""
 
     def validate(self, at: str = "objective") -> None:
-        from model.objectives import OBJECTIVES
+        from model.objectives import objective_names
 
-        require(self.name in OBJECTIVES, f"{at}.name", self.name, f"one of {', '.join(OBJECTIVES)}")
+        require(self.name in objective_names(), f"{at}.name", self.name, f"one of {', '.join(objective_names())}")
         require(0.0 < self.mask_prob < 1.0, f"{at}.mask_prob", self.mask_prob, "a float in (0, 1)")
         require(0.0 <= self.random_next_prob <= 1.0, f"{at}.random_next_prob", self.random_next_prob,
                 "a float in [0, 1]")

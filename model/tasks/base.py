@@ -31,12 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from common.errors import BadRecord  # noqa: F401 - raised by every task's builder; defined where data/ sees it
 from model.objectives.base import Objective
-
-
-class BadRecord(ValueError):
-    """A record the task cannot use. The message says what is wrong with it (not where: the reader that
-    knows the file and line adds that), e.g. "label 'spam' is not one of the training labels"."""
 
 
 class TaskBuilder:
@@ -81,9 +77,6 @@ class Task(Objective):
     labelled: bool = False  # labels are names found in the training data (the manifest keeps them in id order)
     tokenizer_roles: tuple[str, ...] = ()  # special tokens the tokenizer must hold: cls, sep, mask, eos
     builder_class: type[TaskBuilder] = TaskBuilder
-    # The metric model selection should watch by default, and whether higher is better.
-    selection_metric: str = "val/loss"
-    selection_mode: str = "min"
 
     @classmethod
     def builder(cls, cfg, tokenizer, seq_len: int, labels: Sequence[str] = ()) -> TaskBuilder:
