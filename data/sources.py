@@ -149,6 +149,15 @@ def record_text(record: dict, cfg: DataConfig, where: str, stats: Counter) -> st
 
 
 def read_jsonl(stream, name: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, bool]]:
+    for where, record in iter_json_lines(stream, name, cfg, stats):
+        text = record_text(record, cfg, where, stats)
+        if text is not None:
+            yield from split_long(text, cfg.max_doc_chars)
+
+
+def iter_json_lines(stream, name: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each JSON object line of a stream; blank lines and (lenient) malformed
+    lines are counted and skipped, a malformed line otherwise raises naming its file and line."""
     decoder, lineno = Decoder(name, cfg.lenient, stats), 0
     for lineno, raw in enumerate(stream, 1):  # noqa: B007 - lineno is used after the loop
         line = decoder.decode(raw)
@@ -165,15 +174,29 @@ def read_jsonl(stream, name: str, cfg: DataConfig, stats: Counter) -> Iterator[t
                 raise LmforgeError(f"{name}:{lineno}: malformed JSON line ({reason}); {LENIENT_HINT}") from None
             stats["malformed_json"] += 1
             continue
-        text = record_text(record, cfg, f"{name}:{lineno}", stats)
-        if text is not None:
-            yield from split_long(text, cfg.max_doc_chars)
+        yield f"{name}:{lineno}", record
     if lineno == 0:
         empty_file(name, cfg, stats)
 
 
 def read_table(path: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, bool]]:
-    """CSV and Parquet through HF datasets, streamed so a large file never sits in memory."""
+    yield from read_records(iter_table_rows(path, cfg, stats), cfg, stats)
+
+
+def read_hf_disk(path: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, bool]]:
+    yield from read_records(iter_hf_disk_rows(path, cfg, stats), cfg, stats)
+
+
+def read_records(rows: Iterable[tuple[str, dict]], cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, bool]]:
+    for where, record in rows:
+        text = record_text(record, cfg, where, stats)
+        if text is not None:
+            yield from split_long(text, cfg.max_doc_chars)
+
+
+def iter_table_rows(path: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, dict]]:
+    """("file row N", row) of a CSV or Parquet file (cfg.source) through HF datasets, streamed so a large
+    file never sits in memory."""
     import datasets
 
     if not is_remote(path) and os.path.getsize(path) == 0:
@@ -181,21 +204,14 @@ def read_table(path: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str
         return
     try:
         ds = datasets.load_dataset(cfg.source, data_files=[path], split="train", streaming=True)
-        yield from read_records(ds, path, cfg, stats)
-    except LmforgeError:
-        raise
+        for row, record in enumerate(ds, 1):
+            yield f"{path} row {row}", record
     except Exception as e:  # pyarrow and pandas raise many types for one cause: the file is not valid
         raise LmforgeError(f"{path}: cannot read as {cfg.source}: {str(e).splitlines()[0]}") from None
 
 
-def read_records(ds, name: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, bool]]:
-    for row, record in enumerate(ds, 1):
-        text = record_text(record, cfg, f"{name} row {row}", stats)
-        if text is not None:
-            yield from split_long(text, cfg.max_doc_chars)
-
-
-def read_hf_disk(path: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, bool]]:
+def iter_hf_disk_rows(path: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, dict]]:
+    """("dir row N", row) of a directory written by datasets' save_to_disk."""
     import datasets
 
     try:
@@ -205,7 +221,8 @@ def read_hf_disk(path: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[s
     if isinstance(ds, datasets.DatasetDict):
         # lmforge makes its own validation split, so a saved train split is the corpus.
         ds = ds["train"] if "train" in ds else datasets.concatenate_datasets(list(ds.values()))
-    yield from read_records(ds, path, cfg, stats)
+    for row, record in enumerate(ds, 1):
+        yield f"{path} row {row}", record
 
 
 def read_webdataset(url: str, cfg: DataConfig, stats: Counter) -> Iterator[tuple[str, bool]]:
