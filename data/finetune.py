@@ -38,26 +38,28 @@ def build_task_data(cfg: DataConfig, out: Path, seed: int, task, task_cfg, progr
     """
     started, stats = time.time(), Counter()
 
-    def records(split: str):
-        """(where, record) of one split, in a deterministic order."""
+    def records(split: str, counted: bool = True):
+        """(where, record) of one split, in a deterministic order. Skips and bad input are counted once, on
+        the pass that writes samples (`counted`); the earlier passes (tokenizer, labels) read the same."""
+        seen = stats if counted else Counter()
         if evaluate_only:
-            yield from iter_records(cfg, cfg.paths, stats, task.roles, task.required_roles) if split == "val" else ()
+            yield from iter_records(cfg, cfg.paths, seen, task.roles, task.required_roles) if split == "val" else ()
             return
         if cfg.val_paths:
             paths = cfg.paths if split == "train" else cfg.val_paths
-            yield from iter_records(cfg, paths, stats if split == "train" else Counter(), task.roles,
-                                    task.required_roles)
+            yield from iter_records(cfg, paths, seen, task.roles, task.required_roles)
             return
-        for where, record in iter_records(cfg, cfg.paths, stats if split == "train" else Counter(), task.roles,
-                                          task.required_roles):
+        # Held-out records are read (and counted) on the training pass; the validation pass counts nothing.
+        seen = seen if split == "train" else Counter()
+        for where, record in iter_records(cfg, cfg.paths, seen, task.roles, task.required_roles):
             held_out = record_key(record, seed) % HASH_BUCKETS < cfg.val_fraction * HASH_BUCKETS
             if held_out == (split == "val"):
                 yield where, record
 
-    tokenizer = task_tokenizer(cfg, task, task_cfg, records("train"))
+    tokenizer = task_tokenizer(cfg, task, task_cfg, records("train", counted=False))
     tokenizer.save_pretrained(str(out / "tokenizer"))
     if labels is None:
-        labels = label_vocabulary(task, task_cfg, tokenizer, cfg, records("train")) if task.labelled else []
+        labels = label_vocabulary(task, task_cfg, tokenizer, cfg, records("train", counted=False)) if task.labelled else []
     builder = task.builder(task_cfg, tokenizer, cfg.seq_len, labels)
     dtypes = field_dtypes(builder.fields, token_dtype(len(tokenizer)))
     splits = {}
@@ -85,7 +87,10 @@ def task_tokenizer(cfg: DataConfig, task, task_cfg, train_records):
             for i, (_, record) in enumerate(train_records):
                 if i >= cfg.tokenizer.train_docs:
                     return
-                yield from texts_of(record)
+                try:
+                    yield from texts_of(record)
+                except BadRecord:  # named (or counted) when its samples are built, where its line is known
+                    continue
 
         tokenizer = train_tokenizer(texts(), cfg.tokenizer, task.tokenizer_roles)
     return task.prepare_tokenizer(task_cfg, tokenizer)

@@ -29,7 +29,7 @@ HEADS = ("causal_lm", "masked_lm", "pretraining", "seq2seq_lm", "encoder")
 # (a T5 sentence encoder).
 FAMILY_HEADS = {
     "decoder": ("causal_lm",),
-    "encoder": ("masked_lm", "pretraining", "encoder"),
+    "encoder": ("masked_lm", "pretraining", "encoder", "seq_cls", "token_cls", "qa"),
     "encoder_decoder": ("seq2seq_lm", "encoder"),
 }
 FLOPS_PER_MULTIPLY_ADD = 2
@@ -108,6 +108,10 @@ def step_flops(cfg: ModelConfig, vocab_rows: int, head: str, tokens: int, seq_le
         if head == "pretraining":
             pooler, next_sentence = d * d, d * NEXT_SENTENCE_CLASSES
             macs += round(tokens / seq_len) * (pooler + next_sentence)
+    elif head == "seq_cls":
+        # The pooler runs once per sequence; the classifier's few outputs per sequence are negligible, and
+        # so are token_cls's and qa's per-token projections to a handful of labels (under 1% of a layer).
+        macs += round(tokens / seq_len) * d * d
     elif head == "seq2seq_lm":
         # Cross-attention's K and V project the encoder's output once per decoder layer, so every encoder
         # token pays them, however long the target is.

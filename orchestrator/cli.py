@@ -41,7 +41,10 @@ def cmd_train(args: argparse.Namespace) -> int:
               "to continue it)")
         print(f"latest:      {result.checkpoint}")
         return 0
-    shown = {k: v for k, v in result.metrics.items() if k in ("train/loss", "val/loss", "val/perplexity")}
+    from model.objectives import get_objective
+
+    headline = cfg.trainer.monitor or get_objective(cfg.objective.name).selection_metric
+    shown = {k: v for k, v in result.metrics.items() if k in ("train/loss", "val/loss", "val/perplexity", headline)}
     print(f"run:         {result.run_name}  ({', '.join(f'{k}={v:.4g}' for k, v in shown.items())})")
     if "train/tokens_per_second" in result.metrics:
         print(f"speed:       {speed_summary(result.metrics)}")
@@ -204,7 +207,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.overrides)
     trained = inference.load(args.target, cfg, best=args.best)
-    paths = attention_maps(trained.model, trained.tokenizer, args.text, Path(args.out), layer=args.layer)
+    paths = attention_maps(trained.model, trained.tokenizer, args.text, Path(args.out), layer=args.layer,
+                           max_tokens=args.max_tokens)
     for path in paths:
         print(f"wrote {path}")
     if trained.run.get("mlflow_run_id") and cfg.tracking.backend == "mlflow":
@@ -294,12 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overrides", nargs="*", default=[], help=OVERRIDES_HELP + " (to find the MLflow store)")
     predict.set_defaults(func=cmd_predict)
 
-    attention = commands.add_parser("attention", help="plot a model's attention over a text (PNG per layer and "
-                                    "per head)", parents=[verbosity])
+    attention = commands.add_parser("attention", help="plot a model's attention over a text (a PNG per layer, "
+                                    "plus the heads of one layer)", parents=[verbosity])
     attention.add_argument("target", help=any_target)
     attention.add_argument("text")
     attention.add_argument("--layer", type=int, help="the layer whose heads are plotted (default: the last)")
     attention.add_argument("--out", default="attention", help="output directory (default: ./attention)")
+    attention.add_argument("--max-tokens", type=int, default=64, help="longer texts are cut to this many tokens")
     attention.add_argument("--best", action="store_true", help="a run's best checkpoint instead of its newest")
     attention.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (to find the MLflow store)")
     attention.set_defaults(func=cmd_attention)

@@ -112,12 +112,13 @@ def test_ner_is_the_package_file_sentence_by_sentence():
     assert tags["B-person"] > 100 and tags["O"] > 0.8 * sum(tags.values())
 
 
-def test_a_sentence_with_an_untagged_line_is_skipped_and_counted():
+def test_a_sentence_with_an_untagged_line_is_skipped_and_counted(tmp_path):
     lines = ["Empire\tB-facility\n", "State\tI-facility\n", "\t\n",
              "From\tO\n", "Green\n", "Newsfeed\tO\n", "\n",
              "Sunset\tB-facility\n", "Bistro\tI-facility"]  # no separator after the last sentence
-    stats = Counter()
-    sentences = list(conll_sentences(lines, stats))
+    stats, path = Counter(), tmp_path / "ner.txt"
+    path.write_text("".join(lines))
+    sentences = list(conll_sentences(path, stats))
     assert sentences == [{"tokens": ["Empire", "State"], "tags": ["B-facility", "I-facility"]},
                          {"tokens": ["Sunset", "Bistro"], "tags": ["B-facility", "I-facility"]}]
     assert stats["bad_conll_lines"] == 1
