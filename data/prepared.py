@@ -64,7 +64,8 @@ def choose_engine(cfg: DataConfig) -> str:
 
     # A cluster the user points at (RAY_ADDRESS) or one this process already joined gets the work;
     # starting a cluster just to tokenize on one machine costs more than it gains.
-    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    # Ray may be half imported here: the launcher imports Ray Train in a thread while data is prepared.
+    ray_up = bool(getattr(sys.modules.get("ray"), "is_initialized", lambda: False)())
     cluster = ray_up or bool(os.environ.get("RAY_ADDRESS"))
     return "ray" if cluster and cfg.source not in SMALL_SOURCES else "local"
 
@@ -85,7 +86,7 @@ def prepare_training_data(cfg: DataConfig, root: str | Path, seed: int, engine: 
     from data.pipeline import build
 
     remove_abandoned(out.parent)
-    engine = engine or choose_engine(cfg)
+    engine = engine or ("local" if task is not None else choose_engine(cfg))
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
