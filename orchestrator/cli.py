@@ -312,7 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse gives all positionals of a command at their first run (`target` and the overrides after
+    # it), so overrides written after an option (`export RUN --out DIR paths.root=X`) come back unparsed.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if any(item.startswith("-") for item in extra) or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     args.worker_env = set_verbosity(args.verbose)
     try:
         return args.func(args)

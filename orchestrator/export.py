@@ -113,7 +113,11 @@ EXPORT_INFO = "lmforge_export.json"
 def pretrained_from_run(target: str, cfg: LmforgeConfig) -> Path:
     """model.pretrained= an lmforge run directory, checkpoint directory or MLflow run id: its checkpoint
     exported once to <paths.root>/pretrained/<run>-step<N> (reused after), an HF directory to start from."""
-    found = runs.resolve(target, cfg, checksums=cfg.checkpoint.verify)
+    try:
+        found = runs.resolve(target, cfg, checksums=cfg.checkpoint.verify)
+    except LmforgeError as e:
+        raise LmforgeError(f"model.pretrained={target} is not a Hugging Face model directory (no config.json), "
+                           f"nor an lmforge run, checkpoint or MLflow run id ({e})") from None
     if found.checkpoint is None:
         raise LmforgeError(f"model.pretrained={target} has no complete checkpoint yet")
     step = checkpoint.read_marker(found.checkpoint)["step"]

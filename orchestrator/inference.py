@@ -117,7 +117,7 @@ def prepare_eval_data(trained: Trained, cfg: LmforgeConfig, out: Path) -> Path:
     """Every record of the given data, built into samples with the model's tokenizer and labels (a label the
     model does not know is bad input, named by file and line)."""
     from data.finetune import build_task_data
-    from data.prepared import MANIFEST
+    from data.prepared import MANIFEST, shard_dtype
 
     trained.tokenizer.save_pretrained(str(out / "given-tokenizer"))
     data = cfg.data
@@ -126,6 +126,7 @@ def prepare_eval_data(trained: Trained, cfg: LmforgeConfig, out: Path) -> Path:
     task = type(trained.task())
     manifest = build_task_data(data, out / "data", trained.saved.seed, task, trained.saved.objective,
                                labels=list(trained.labels) if task.labelled else None, evaluate_only=True)
+    manifest |= {"dtype": shard_dtype(manifest["vocab_size"]), "seq_len": data.seq_len}
     (out / "data" / MANIFEST).write_text(json.dumps(manifest))
     return out / "data"
 

@@ -27,7 +27,8 @@ def test_every_group_has_options():
 # An objective trains only some architectures: each model option is composed with one that fits it.
 OBJECTIVE_FOR_ARCH = {"gpt2": "clm", "llama": "clm", "bert": "mlm", "t5": "span_corruption"}
 MODEL_FOR_OBJECTIVE = {"clm": "gpt-tiny", "mlm": "bert-tiny", "mlm_nsp": "bert-tiny", "contrastive": "bert-tiny",
-                       "span_corruption": "t5-tiny"}
+                       "span_corruption": "t5-tiny", "seq_cls": "bert-tiny", "token_cls": "bert-tiny",
+                       "extractive_qa": "bert-tiny", "seq2seq": "t5-tiny", "dialogue": "gpt-tiny"}
 
 
 def fitting(group: str, option: str) -> list[str]:

@@ -79,14 +79,14 @@ def test_summaries_train_and_are_scored_by_generation(home):
     # The bar is ROUGE-L above copying the source (~44 here); a T5 this small from scratch reaches
     # ~22 in the preset's minute (~25 after 800 steps), so this checks what holds: generation-based metrics
     # are computed on every validation record, and the model learned (loss and ROUGE-L far above untrained).
-    result = run(home, ["experiment=ft-summaries", "run_name=summaries"])
+    result = run(home, ["experiment=ft-summaries", "run_name=summaries", "trainer.log_every=1"])
     untrained = losses(home, result.mlflow_run_id)[1]
     assert result.metrics["val/loss"] < untrained - 2.0, (result.metrics, untrained)
     assert result.metrics["val/rouge_l"] > 12.0 and result.metrics["val/bleu"] > 1.0, result.metrics
 
 
 def test_dialogue_response_perplexity_falls_below_the_untrained_decoders(home):
-    result = run(home, ["experiment=ft-dialogue", "run_name=dialogue"])
+    result = run(home, ["experiment=ft-dialogue", "run_name=dialogue", "trainer.log_every=1"])
     untrained = math.exp(losses(home, result.mlflow_run_id)[1])  # the first batch, before any update
     assert result.metrics["val/perplexity"] < 0.5 * untrained, (result.metrics, untrained)
 

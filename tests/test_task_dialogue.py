@@ -4,6 +4,7 @@ mask on exactly the assistant's replies, bad conversations, truncation, and a ti
 import pytest
 import torch
 from model_helpers import check_loss_and_eval
+from task_helpers import eval_metric
 
 from common.errors import BadRecord, LmforgeError
 from data.config import TokenizerConfig
@@ -23,15 +24,6 @@ MULTI_TURN = [{"role": "system", "content": "You answer in one sentence."},
               {"role": "user", "content": "Where is Paris?\n"}, {"role": "assistant", "content": "In France.\n\n"}]
 # Quotes, a newline, Jinja's own delimiters and characters beyond ASCII: the template must carry it verbatim.
 ODD_PROMPT = 'Be "brief" {{ and }} {% raw %}\n, café 😀 \\n'
-
-
-@pytest.fixture
-def one_thread():
-    """The machine's cores are shared with other test runs: more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def base_tokenizer(kind="byte_bpe"):
@@ -224,11 +216,7 @@ def test_a_tiny_gpt2_learns_the_replies_and_infer_answers_with_them(tokenizer, o
     model = tiny_gpt2(tokenizer)
 
     def perplexity():
-        model.eval()
-        with torch.no_grad():
-            sums = task.eval_sums(model, batch)
-        model.train()
-        return task.metrics({k: v.item() for k, v in sums.items()})["perplexity"]
+        return eval_metric(task, model, batch, "perplexity")
 
     untrained = perplexity()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

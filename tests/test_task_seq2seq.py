@@ -7,6 +7,7 @@ import sacrebleu
 import torch
 from model_helpers import check_loss_and_eval
 from rouge_score import rouge_scorer
+from task_helpers import eval_metric
 
 from common.errors import BadRecord
 from data.config import TokenizerConfig
@@ -35,15 +36,6 @@ RECORDS = reversal_records(64)
 def tokenizer():
     texts = [r["source"] for r in RECORDS] * 5 + ["reverse: the words"] * 5
     return train_tokenizer(texts, TokenizerConfig(kind="byte_bpe", vocab_size=300, min_frequency=1), roles=("eos",))
-
-
-@pytest.fixture
-def one_thread():
-    """The machine's cores are shared with other test runs: more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def task_for(tokenizer, world_size=1, **cfg):
@@ -187,11 +179,7 @@ def test_a_tiny_t5_learns_to_reverse_word_lists_and_beats_copying(tokenizer, one
     val_batch = task.collate(val, train=False)
 
     def val_loss():
-        model.eval()
-        with torch.no_grad():
-            sums = task.eval_sums(model, val_batch)
-        model.train()
-        return task.metrics({k: v.item() for k, v in sums.items()})["loss"]
+        return eval_metric(task, model, val_batch, "loss")
 
     untrained = val_loss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

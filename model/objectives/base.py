@@ -15,6 +15,7 @@ Randomness (masks, noise, dropout views) comes only from `self.rng(sample, train
 (seed, split, epoch, sample id): a sample gets the same mask on any number of workers and after a resume.
 """
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -86,3 +87,28 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tor
     loss = torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     correct = ((flat_logits.argmax(-1) == flat_labels) & counted).sum()
     return {"loss": loss.double(), "correct": correct.double(), "tokens": counted.sum().double()}
+
+
+def next_token_loss_sums(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """token_loss_sums of a decoder: position t's logits predict label t + 1 (HF shifts inside forward)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return token_loss_sums(model(**inputs).logits[:, :-1], batch["labels"][:, 1:])
+
+
+def perplexity_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Mean token loss and its perplexity from summed statistics (see token_loss_sums)."""
+    loss = sums["loss"] / max(sums["tokens"], 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 30.0))}
+
+
+def encoder_decoder_batch(inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], pad_id: int) -> dict:
+    """Right-pad the inputs (masked out of attention) and the targets (IGNORE_INDEX: no loss). T5 builds its
+    decoder inputs by shifting the labels right, turning IGNORE_INDEX into its pad token."""
+    input_ids, real = pad_stack(inputs, pad_id)
+    labels, _ = pad_stack(targets, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": real.long(), "labels": labels}
+
+
+def encoder_decoder_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(real input tokens, target tokens) of an encoder-decoder batch."""
+    return int(batch["attention_mask"].sum()), int((batch["labels"] != IGNORE_INDEX).sum())

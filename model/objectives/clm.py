@@ -1,11 +1,10 @@
 """Causal language modelling: predict each next token of packed blocks (or single documents)."""
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-from model.objectives.base import IGNORE_INDEX, Objective, pad_stack, token_loss_sums
+from model.objectives.base import IGNORE_INDEX, Objective, next_token_loss_sums, pad_stack, perplexity_metrics
 
 
 class CausalLM(Objective):
@@ -28,11 +27,7 @@ class CausalLM(Objective):
                 "attention_mask": real.long()}
 
     def eval_sums(self, model, batch):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits[:, :-1]
-        return token_loss_sums(logits, batch["labels"][:, 1:])
+        return next_token_loss_sums(model, batch)
 
     def metrics(self, sums):
-        loss = sums["loss"] / max(sums["tokens"], 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 30.0)),
-                "accuracy": sums["correct"] / max(sums["tokens"], 1.0)}
+        return perplexity_metrics(sums) | {"accuracy": sums["correct"] / max(sums["tokens"], 1.0)}

@@ -5,7 +5,6 @@ Noise is drawn at collate time from the sample's own generator, so every epoch s
 (seed, epoch, sample) gets the same ones on any worker count and after a resume.
 """
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,7 +12,13 @@ import torch
 
 from common.errors import LmforgeError
 from data.samples import SampleSpec
-from model.objectives.base import IGNORE_INDEX, Objective, pad_stack, token_loss_sums
+from model.objectives.base import (
+    Objective,
+    encoder_decoder_batch,
+    encoder_decoder_tokens,
+    perplexity_metrics,
+    token_loss_sums,
+)
 
 MAX_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
 
@@ -88,20 +93,14 @@ class SpanCorruption(Objective):
         return corrupt(ids, mask, self.vocab.sentinel_ids, self.vocab.eos_id)
 
     def collate(self, samples: Sequence[dict], train: bool = True) -> dict[str, torch.Tensor]:
-        """Right-pad the inputs (masked out of attention) and the labels (IGNORE_INDEX: no loss). T5 builds
-        its decoder inputs by shifting the labels right, turning IGNORE_INDEX into its pad token."""
         pairs = [self.corrupt(s, train) for s in samples]
-        input_ids, real = pad_stack([inputs for inputs, _ in pairs], self.pad_id)
-        labels, _ = pad_stack([targets for _, targets in pairs], IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": real.long(), "labels": labels}
+        return encoder_decoder_batch([inputs for inputs, _ in pairs], [targets for _, targets in pairs], self.pad_id)
 
     def tokens(self, batch):
-        return int(batch["attention_mask"].sum()), int((batch["labels"] != IGNORE_INDEX).sum())
+        return encoder_decoder_tokens(batch)
 
     def eval_sums(self, model, batch):
         return token_loss_sums(model(**batch).logits, batch["labels"])
 
     def metrics(self, sums):
-        loss = sums["loss"] / max(sums["tokens"], 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 30.0)),
-                "accuracy": sums["correct"] / max(sums["tokens"], 1.0)}
+        return perplexity_metrics(sums) | {"accuracy": sums["correct"] / max(sums["tokens"], 1.0)}

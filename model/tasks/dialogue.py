@@ -8,14 +8,13 @@ exported model answers to transformers' apply_chat_template(..., add_generation_
 """
 
 import json
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from common.errors import BadRecord, LmforgeError
-from model.objectives.base import IGNORE_INDEX, pad_stack, token_loss_sums
+from model.objectives.base import IGNORE_INDEX, next_token_loss_sums, pad_stack, perplexity_metrics
 from model.tasks.base import Task, TaskBuilder, example_field
 
 ROLES = ("system", "user", "assistant")
@@ -143,14 +142,11 @@ class Dialogue(Task):
         return {"input_ids": input_ids, "attention_mask": real.long(), "labels": labels}
 
     def eval_sums(self, model, batch):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits[:, :-1]
-        return token_loss_sums(logits, batch["labels"][:, 1:])
+        return next_token_loss_sums(model, batch)
 
     def metrics(self, sums):
         """Loss and perplexity of the assistant's replies (and their end token), given the conversation."""
-        loss = sums["loss"] / max(sums["tokens"], 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 30.0))}
+        return perplexity_metrics(sums)
 
     def predict(self, model, batch, samples):
         # Nothing to generate: the validation perplexity of the replies (eval_sums) is the metric.

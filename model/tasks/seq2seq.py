@@ -1,14 +1,18 @@
 """Sequence-to-sequence fine-tuning of T5 (summaries, translations): the encoder reads the source, the decoder
 learns the target; evaluation generates and scores with BLEU and ROUGE."""
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from common.errors import BadRecord
-from model.objectives.base import IGNORE_INDEX, pad_stack, token_loss_sums
+from model.objectives.base import (
+    encoder_decoder_batch,
+    encoder_decoder_tokens,
+    perplexity_metrics,
+    token_loss_sums,
+)
 from model.tasks.base import Task, TaskBuilder, example_field
 
 
@@ -73,21 +77,16 @@ class Seq2Seq(Task):
         self.pad_id = vocab.pad_id if vocab.pad_id is not None else 0
 
     def collate(self, samples: Sequence[dict], train: bool = True) -> dict[str, torch.Tensor]:
-        """Right-pad the sources (masked out of attention) and the targets (IGNORE_INDEX: no loss). T5 builds
-        its decoder inputs by shifting the labels right, turning IGNORE_INDEX into its pad token."""
-        input_ids, real = pad_stack([s["input_ids"] for s in samples], self.pad_id)
-        labels, _ = pad_stack([s["labels"] for s in samples], IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": real.long(), "labels": labels}
+        return encoder_decoder_batch([s["input_ids"] for s in samples], [s["labels"] for s in samples], self.pad_id)
 
     def tokens(self, batch):
-        return int(batch["attention_mask"].sum()), int((batch["labels"] != IGNORE_INDEX).sum())
+        return encoder_decoder_tokens(batch)
 
     def eval_sums(self, model, batch):
         return token_loss_sums(model(**batch).logits, batch["labels"])
 
     def metrics(self, sums):
-        loss = sums["loss"] / max(sums["tokens"], 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 30.0))}
+        return perplexity_metrics(sums)
 
     def generate(self, model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
         # A DeepSpeed engine holds the HF model as .module. Under ZeRO-3 every rank gathers each layer's
