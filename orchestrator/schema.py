@@ -124,8 +124,9 @@ class CheckpointConfig:
     # also reads every byte back to compare checksums (slow on object storage, catches silent corruption).
     verify: bool = False
     # Also keep the best checkpoint by trainer.monitor: an evaluation that improves it saves a checkpoint,
-    # which pruning spares; `lmforge export --best` exports it.
-    keep_best: bool = True
+    # which pruning spares; `lmforge export --best` exports it. Null: on for fine-tuning tasks, off for
+    # pretraining (whose checkpoints are large and whose validation loss keeps falling).
+    keep_best: bool | None = None
 
     def validate(self, at: str = "checkpoint") -> None:
         require(self.every >= 1, f"{at}.every", self.every, "an integer >= 1")

@@ -82,4 +82,5 @@ def best_checkpoint(run_dir: str, checksums: bool = False) -> tuple[str, dict]:
         if step == state["best_step"]:
             return uri, state
     raise LmforgeError(f"the best checkpoint of {run_dir} (step {state['best_step']}, {state['metric']}="
-                       f"{state['best']:.4g}) is no longer in storage")
+                       f"{state['best']:.4g}) is not in storage: it was pruned, or never saved because "
+                       f"checkpoint.keep_best was off (the default for pretraining)")

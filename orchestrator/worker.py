@@ -138,7 +138,7 @@ def train_steps(job: Job, step: int, num_params: int, startup: dict) -> None:
         if eval_due:
             last |= evaluate_job(job)
             # The best model must exist in storage: an evaluation that improves the monitored metric saves.
-            save_due |= job.selection.update(last, step) and cfg.checkpoint.keep_best
+            save_due |= job.selection.update(last, step) and keeps_best(cfg, job.objective)
             stop = job.selection.should_stop and step < tr.max_steps
             save_due |= stop
         if log_due or eval_due:
@@ -300,6 +300,12 @@ def head_config(objective_class, objective_cfg, labels) -> dict | None:
     return objective_class.head_config(objective_cfg, labels) if is_task(objective_class) else None
 
 
+def keeps_best(cfg, objective) -> bool:
+    from model.tasks import is_task
+
+    return cfg.checkpoint.keep_best if cfg.checkpoint.keep_best is not None else is_task(type(objective))
+
+
 def evaluate_job(job: Job) -> dict[str, float]:
     """Validation metrics: a task's over every validation sample (orchestrator.evaluate), an objective's
     over its fixed evaluation batches."""
@@ -372,6 +378,7 @@ def save_and_report(job: Job, step: int, metrics: dict, evaluated: bool = False,
                             "metrics": metrics, "config": redact_config(to_dict(cfg)), "files": files,
                             "labels": list(job.objective.vocab.labels), "selection": job.selection.state(),
                             "evaluated": evaluated, "stopped_early": stopped_early})
-    keep = {job.selection.best_step} if cfg.checkpoint.keep_best and job.selection.best_step is not None else set()
+    best = job.selection.best_step
+    keep = {best} if keeps_best(cfg, job.objective) and best is not None else set()
     checkpoint.prune(job.run_dir, cfg.checkpoint.keep_last, step, keep_steps=keep)
     job.tracker.log_checkpoint(step, uri, sum(f["size"] for f in files.values()), metrics)
