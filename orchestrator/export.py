@@ -46,17 +46,15 @@ def load_trained(target: str, cfg: LmforgeConfig, best: bool = False):
         state = consolidated_state_dict(local, saved.hardware.zero_stage)
         ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if tokenizer else ()
         objective = get_objective(saved.objective.name)
-        from orchestrator.worker import head_config
-
         # The structure only: the weights come from the checkpoint, not from model.pretrained's files.
         model = build_model(saved.model, embedding_rows(state), saved.seed, objective.head, *ids, load_weights=False,
-                            head_config=head_config(objective, saved.objective, tuple(marker.get("labels", ()))))
+                            head_config=objective.head_config(saved.objective, marker.get("labels", ())))
     load_weights(model, state, f"checkpoint {ckpt} does not match model {saved.model.name}")
     model.tie_weights()
     model.config.use_cache = True
     info = runs.read_run_info(found.run_dir) or {}
-    return model.eval(), tokenizer, marker | {"uri": ckpt, "run": {k: info.get(k) for k in ("run_name", "mlflow_run_id")}
-                                              | {"run_dir": found.run_dir}}
+    run = {k: info.get(k) for k in ("run_name", "mlflow_run_id", "prepared")} | {"run_dir": found.run_dir}
+    return model.eval(), tokenizer, marker | {"uri": ckpt, "run": run}
 
 
 # Buffers HF registers without saving them, recomputed at load: nothing a checkpoint needs to hold.
@@ -100,7 +98,8 @@ def export(target: str, out: str, cfg: LmforgeConfig, best: bool = False) -> Pat
         save_sentence_transformer(out_dir, saved.objective.pooling, saved.data.seq_len)
     # What lmforge eval / predict need to use the export as the run would (its task and settings), and the
     # lineage a fine-tuning run started from it records.
-    origin = {"step": marker["step"], "metrics": marker["metrics"], "checkpoint": marker["uri"], **marker["run"],
+    lineage = {k: marker["run"][k] for k in ("run_name", "mlflow_run_id", "run_dir")}
+    origin = {"step": marker["step"], "metrics": marker["metrics"], "checkpoint": marker["uri"], **lineage,
               "objective": marker["config"]["objective"], "data": {"seq_len": saved.data.seq_len},
               "labels": marker.get("labels", [])}
     (out_dir / EXPORT_INFO).write_text(json.dumps(origin, indent=1))

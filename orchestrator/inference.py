@@ -43,12 +43,10 @@ def load(target: str, cfg: LmforgeConfig, best: bool = False) -> Trained:
     model, tokenizer, marker = load_trained(target, cfg, best)
     if tokenizer is None:
         raise LmforgeError(f"{target} was trained on token files without a tokenizer; it cannot read text")
-    from orchestrator import runs
-
-    info = runs.read_run_info(marker["run"]["run_dir"]) or {}
-    prepared = info.get("prepared") if info.get("prepared") and Path(info["prepared"]).is_dir() else None
-    return Trained(model, tokenizer, from_dict(marker["config"]), tuple(marker.get("labels", ())), marker["run"],
-                   marker["uri"], prepared)
+    run = dict(marker["run"])
+    prepared = run.pop("prepared", None)
+    return Trained(model, tokenizer, from_dict(marker["config"]), tuple(marker.get("labels", ())), run,
+                   marker["uri"], prepared if prepared and Path(prepared).is_dir() else None)
 
 
 def load_export(path: Path) -> Trained:

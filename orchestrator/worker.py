@@ -64,7 +64,7 @@ def train_loop(loop_config: dict) -> None:
         cfg.objective.name)
     model = build_model(cfg.model, vocab.size, cfg.seed, objective_class.head, bos_id=vocab.bos_id,
                         eos_id=vocab.eos_id, pad_id=vocab.pad_id,
-                        head_config=head_config(objective_class, cfg.objective, vocab.labels))
+                        head_config=objective_class.head_config(cfg.objective, vocab.labels))
     num_params = sum(p.numel() for p in model.parameters())
     startup["model_built"] = time.time()
     resume_from, saved_world_size = choose_checkpoint(loop_config, cfg, rank, progress)
@@ -291,13 +291,6 @@ def stop_diverged(rank: int, tracker, progress, metrics: dict, step: int, messag
         if progress is None:
             raise LmforgeError(message)
         progress.put({"event": "failed", "message": message})
-
-
-def head_config(objective_class, objective_cfg, labels) -> dict | None:
-    """What a fine-tuning task's head needs in the model config (labels); None for pretraining objectives."""
-    from model.tasks import is_task
-
-    return objective_class.head_config(objective_cfg, labels) if is_task(objective_class) else None
 
 
 def keeps_best(cfg, objective) -> bool:

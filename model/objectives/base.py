@@ -43,6 +43,11 @@ class Objective:
     def sample_spec(cfg) -> SampleSpec:
         return SampleSpec()
 
+    @staticmethod
+    def head_config(cfg, labels: Sequence[str]) -> dict:
+        """Entries for the HF model config that the head needs (a fine-tuning task's labels); none here."""
+        return {}
+
     def rng(self, sample: dict, train: bool) -> np.random.Generator:
         """The sample's own random stream: validation draws differ from training's, and are the same at
         every evaluation."""

@@ -88,11 +88,6 @@ class Task(Objective):
         and chat template here. Called once, before any sample is built; what it returns is saved."""
         return tokenizer
 
-    @staticmethod
-    def head_config(cfg, labels: Sequence[str]) -> dict:
-        """Entries for the HF model config that the task's head needs (num_labels, id2label, problem_type)."""
-        return {}
-
     @property
     def labels(self) -> tuple[str, ...]:
         return self.vocab.labels
