@@ -282,22 +282,18 @@ def end_failed(cfg: LmforgeConfig, run_id: str | None, status_before: str | None
         finish_run(cfg.tracking, cfg.paths.root, run_id, "FAILED")
 
 
-def fit(cfg: LmforgeConfig, config_dict: dict, embedded: bool, prepared: str, mlflow_run_id: str | None,
-        run_dir: str, plan, worker_env: dict[str, str]) -> dict:
-    """Run the workers under Ray Train while drawing their progress; the last metrics, plus "error" if
-    trainer.fit raised."""
+def make_trainer(cfg: LmforgeConfig, config_dict: dict, embedded: bool, prepared: str, mlflow_run_id: str | None,
+                 run_dir: str, resume_from: str | None, worker_env: dict[str, str], progress=None,
+                 callbacks: list | None = None):
+    """The run's TorchTrainer, built without side effects: `lmforge train` fits it directly and a sweep fits
+    one per trial inside a Tune trainable (with Tune's report callback in `callbacks`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.util.queue import Queue
-
-    from orchestrator.progress import DONE, follow
 
     hw = cfg.hardware
-    events = Queue(actor_options={"num_cpus": 0})
-    trainer = trainer_class(embedded)(
+    return trainer_class(embedded)(
         _train_loop,
         train_loop_config={"config": config_dict, "prepared": prepared, "mlflow_run_id": mlflow_run_id,
-                           "run_dir": run_dir, "progress": events,
-                           "resume_from": plan.checkpoint if plan is not None else None},
+                           "run_dir": run_dir, "progress": progress, "resume_from": resume_from},
         torch_config=torch_config_class(embedded)(backend=hw.backend),
         scaling_config=ScalingConfig(
             num_workers=(hw.min_workers, hw.workers) if hw.min_workers else hw.workers,
@@ -308,8 +304,21 @@ def fit(cfg: LmforgeConfig, config_dict: dict, embedded: bool, prepared: str, ml
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
             # lmforge prunes checkpoints itself (checkpoint.prune), by its own markers: Ray keeps them all.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
-            worker_runtime_env=worker_runtime_env(worker_env)),
+            worker_runtime_env=worker_runtime_env(worker_env), callbacks=callbacks),
     )
+
+
+def fit(cfg: LmforgeConfig, config_dict: dict, embedded: bool, prepared: str, mlflow_run_id: str | None,
+        run_dir: str, plan, worker_env: dict[str, str]) -> dict:
+    """Run the workers under Ray Train while drawing their progress; the last metrics, plus "error" if
+    trainer.fit raised."""
+    from ray.util.queue import Queue
+
+    from orchestrator.progress import DONE, follow
+
+    events = Queue(actor_options={"num_cpus": 0})
+    trainer = make_trainer(cfg, config_dict, embedded, prepared, mlflow_run_id, run_dir,
+                           plan.checkpoint if plan is not None else None, worker_env, progress=events)
     outcome: dict = {}
 
     def run() -> None:

@@ -134,6 +134,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases as a second logger next to MLflow; its failures never stop training."""
+    enabled: bool = False
+    project: str = "lmforge"
+    entity: str | None = None
+    # "online", "offline" (writes a local run directory, no network) or "disabled"; null: wandb's own
+    # default, which honours WANDB_MODE.
+    mode: str | None = None
+
+    def validate(self, at: str = "tracking.wandb") -> None:
+        require(self.mode in (None, "online", "offline", "disabled"), f"{at}.mode", self.mode,
+                "one of online, offline, disabled, or null")
+
+
+@dataclass
 class TrackingConfig:
     name: str = "mlflow-local"
     backend: str = "mlflow"
@@ -144,8 +159,16 @@ class TrackingConfig:
     request_timeout_s: float = 5.0
     # Metrics held in memory while the server is unreachable; beyond this the oldest are dropped and counted.
     max_queued_metrics: int = 100_000
+    # At the end of a successful run, log the final export as an MLflow model and register it under
+    # model_name (default: <model>-<objective>); register=false logs it in the run only.
+    register: bool = True
+    model_name: str | None = None
+    # MLflow's own CPU/memory/GPU sampling into the run's system/* metrics.
+    system_metrics: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self, at: str = "tracking") -> None:
+        self.wandb.validate(f"{at}.wandb")
         require(self.backend in TRACKING_BACKENDS, f"{at}.backend", self.backend,
                 f"one of {', '.join(TRACKING_BACKENDS)}")
         require(self.request_timeout_s > 0, f"{at}.request_timeout_s", self.request_timeout_s, "a number > 0")

@@ -24,3 +24,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free 127.0.0.1 port (tests/mlflow_server.py); call .start() to run it."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -1,16 +1,12 @@
 """MLflow tracking against real stores: one run per job, resume, secrets, and a server that dies mid-run."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from run_helpers import free_port, wait_serving
+from run_helpers import free_port
 
 from common.errors import LmforgeError
 from orchestrator.redact import REDACTED, is_secret_key, redact_value
@@ -181,48 +177,6 @@ def test_queue_is_bounded_and_drops_oldest(root):
     assert not tracker.flush(0.5)
     assert (tracker.dropped, tracker.pending) == (15, 10)
     tracker.close(timeout_s=0.1)
-
-
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 that a test can SIGKILL and bring back on the same port and store."""
-
-    def __init__(self, tmp_path: Path):
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.dir = tmp_path / "server"
-        self.dir.mkdir()
-        self.proc = None
-
-    def start(self, timeout_s: float = 90.0) -> None:  # generous: a loaded 2-core box needs ~25 s
-        log_file = open(self.dir / "server.log", "ab")  # noqa: SIM115 - the child keeps writing to it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.dir / 'mlflow.db'}",
-             "--artifacts-destination", str(self.dir / "artifacts")],
-            cwd=self.dir, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # one process less to start
-        log_file.close()
-        if wait_serving(self.uri, self.proc, timeout_s):
-            return
-        log_tail = (self.dir / "server.log").read_text()[-2000:]
-        self.kill()
-        pytest.fail(f"mlflow server did not come up on {self.uri}:\n{log_tail}")
-
-    def kill(self) -> None:
-        # start_new_session made the server the leader of its own group: this takes its uvicorn workers too.
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path)
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def test_server_outage_loses_nothing(root, tmp_path, mlflow_server):
