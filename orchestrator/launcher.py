@@ -154,7 +154,8 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     checkpoint.drop_ray_snapshot(run_dir)
     config_dict = to_dict(cfg)
     mlflow_run_id, status_before, embedded = start_tracking_and_ray(cfg, plan, run_name, run_dir, prepared,
-                                                                    config_dict, address, worker_env or {})
+                                                                    config_dict, address, worker_env or {},
+                                                                    overrides)
     trainer_modules.join()
     info = {"run_name": run_name, "mlflow_run_id": mlflow_run_id, "config": redact_config(config_dict),
             "prepared": prepared} | ({"parent": plan.parent} if plan and plan.parent else {})
@@ -221,20 +222,24 @@ def check_resumable_data(plan: resume.Resume, prepared: str, cfg: LmforgeConfig,
 
 
 def start_tracking_and_ray(cfg: LmforgeConfig, plan, run_name: str, run_dir: str, prepared: str,
-                           config_dict: dict, address: str | None, worker_env: dict[str, str]):
+                           config_dict: dict, address: str | None, worker_env: dict[str, str],
+                           overrides: list[str] = ()):
     """(MLflow run id, its status before this start, whether Ray was started here). Creating a fresh MLflow
     store takes seconds, so it overlaps Ray's start-up; if Ray cannot start, the run is not left RUNNING."""
+    from orchestrator.run_record import job_tags
     from orchestrator.tracking import run_status, start_run
 
-    tags = {"lmforge.run_dir": run_dir, "lmforge.prepared_data": prepared} | pretrained_tags(cfg)
-    if plan is not None and plan.parent:
-        tags |= {"lmforge.parent_run_dir": plan.parent["run_dir"], "lmforge.parent_checkpoint": plan.checkpoint,
-                 "lmforge.parent_step": plan.step, "mlflow.parentRunId": plan.parent["mlflow_run_id"] or ""}
     run_id = plan.mlflow_run_id if plan is not None else None
 
     def open_run():
+        tags = job_tags(cfg, run_dir, prepared) | pretrained_tags(cfg)  # asks git: overlaps Ray's start too
+        if plan is not None and plan.parent:
+            tags |= {"lmforge.parent_run_dir": plan.parent["run_dir"], "lmforge.parent_checkpoint": plan.checkpoint,
+                     "lmforge.parent_step": plan.step, "mlflow.parentRunId": plan.parent["mlflow_run_id"] or ""}
+        record = describe_run(list(overrides), plan, run_dir, prepared, config_dict, tags)
         before = run_status(cfg.tracking, cfg.paths.root, run_id) if run_id else None
-        return start_run(cfg.tracking, cfg.paths.root, run_name, params=config_dict, tags=tags, run_id=run_id), before
+        return start_run(cfg.tracking, cfg.paths.root, run_name, params=config_dict, tags=tags, run_id=run_id,
+                         record=record), before
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         tracking = pool.submit(open_run)
@@ -269,6 +274,35 @@ def pretrained_tags(cfg: LmforgeConfig) -> dict[str, str]:
                  info.get("run_dir") or "", "lmforge.parent_checkpoint": info.get("checkpoint") or "",
                  "lmforge.parent_step": str(info.get("step", ""))}
     return {k: v for k, v in tags.items() if v}
+
+
+def describe_run(overrides: list[str], plan, run_dir: str, prepared: str, config_dict: dict, tags: dict):
+    """What the MLflow run shows besides params: the command line, the config, overrides and data manifest
+    files, the parent run to link to, and for a resume of the same run the keys it changed."""
+    from orchestrator.run_record import (
+        CONFIG_FILE,
+        MANIFEST_FILE,
+        OVERRIDES_FILE,
+        RunRecord,
+        command_line,
+        config_yaml,
+        flat_changes,
+        manifest_text,
+        overrides_text,
+    )
+
+    files = {CONFIG_FILE: config_yaml(config_dict), OVERRIDES_FILE: overrides_text(overrides)}
+    if manifest := manifest_text(prepared):
+        files[MANIFEST_FILE] = manifest
+    parent = tags.get("mlflow.parentRunId") or tags.get("lmforge.parent_run_id") or None
+    record = RunRecord(command_line(overrides), files, parent)
+    if plan is not None and not plan.parent:  # the same run continues: its params show the old values
+        saved = runs.read_run_info(run_dir) or {}
+        # run_name and resume always differ from a first run's; they are not what the user changed.
+        record.changes = flat_changes(saved.get("config", {}), redact_config(config_dict),
+                                      ignore=("run_name", "resume"))
+        record.step = plan.step
+    return record
 
 
 def end_failed(cfg: LmforgeConfig, run_id: str | None, status_before: str | None, trained: bool) -> None:

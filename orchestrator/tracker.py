@@ -1,4 +1,9 @@
-"""Rank 0's MLflow tracker: the training loop only enqueues; a daemon thread sends, retrying through outages."""
+"""Rank 0's MLflow tracker: the training loop only enqueues; a daemon thread sends, retrying through outages.
+
+The sender thread also keeps the run's record whole: it reads what the run already holds once (so steps a
+restart replays are not logged twice, and the loss curve covers the whole run), draws the loss curve at
+each checkpoint and at the end, and marks checkpoints that pruning deleted in the checkpoint table.
+"""
 
 import json
 import tempfile
@@ -9,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from orchestrator.redact import redact_value
+from orchestrator.run_record import CURVE_KEYS, LOSS_CURVE_FILE, render_loss_curve
 from orchestrator.schema import TrackingConfig
 from orchestrator.tracking import (
     MAX_PARAMS_PER_BATCH,
@@ -45,6 +51,11 @@ class RunTracker:
         self._texts: dict[str, str] = {}  # artifact file -> latest content
         self._checkpoints: dict[int, dict] = {}  # step -> record; merged with the run's existing list once
         self._checkpoints_dirty = self._checkpoints_merged = False
+        self._uris: dict[int, str] = {}  # step -> the checkpoint's real URI (the table holds it redacted)
+        self._history: dict[str, dict[int, float]] = {key: {} for key in CURVE_KEYS}  # for the loss curve
+        self._logged_steps: dict[str, int] | None = None  # per key, the highest step the run held at start
+        self._curve_due = False
+        self._system_due, self._system_monitor = cfg.system_metrics, None
         self._busy = self._stopping = False
         self._in_flight = 0  # metrics in the request being sent
         self._online = True
@@ -80,7 +91,8 @@ class RunTracker:
                       "timestamp": int(time.time() * 1000)}
             with self._cv:
                 self._checkpoints[record["step"]] = record
-                self._checkpoints_dirty = True
+                self._uris[record["step"]] = str(uri)
+                self._checkpoints_dirty = self._curve_due = True
                 self._tags.update({"lmforge.checkpoint.latest_step": str(record["step"]),
                                    "lmforge.checkpoint.latest_uri": record["uri"][:MAX_TAG_LENGTH]})
             self.log_metrics({"checkpoint/step": step, "checkpoint/size_bytes": size_bytes}, step)
@@ -130,11 +142,15 @@ class RunTracker:
             return
         if self.dropped:
             self.set_tags({"lmforge.tracking.dropped_metrics": str(self.dropped)})
+        with self._cv:  # the final loss curve
+            self._curve_due = self._curve_due or any(self._history.values())
         drained = self.flush(timeout_s)
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout=1.0)  # it may be inside a request; as a daemon it cannot block exit
+        if self._system_monitor is not None:
+            self._system_monitor.finish()  # its last sample; it stops by itself once the run has ended
         if not drained:
             log.warning("MLflow at %s unreachable at close: %d metrics for run %s were not sent", self._shown,
                         len(self._metrics), self.run_id)
@@ -152,6 +168,9 @@ class RunTracker:
     def _enqueue(self, items: list) -> None:
         with self._cv:
             self._metrics.extend(items)
+            for key, value, _, step in items:
+                if key in self._history:
+                    self._history[key][step] = value
             self._trim()
             self._cv.notify_all()
 
@@ -166,10 +185,16 @@ class RunTracker:
             self.dropped += overflow
 
     def _has_work(self) -> bool:
-        return bool(self._metrics or self._tags or self._texts or self._checkpoints_dirty)
+        return bool(self._logged_steps is None or self._metrics or self._tags or self._texts
+                    or self._checkpoints_dirty or self._curve_due or self._system_due)
 
     def _take_work(self) -> tuple[str, object]:
         """One unit of work, removed from the queues; _give_back puts it back if sending fails."""
+        if self._logged_steps is None:  # first of all: what the run already holds
+            return "history", None
+        if self._system_due:
+            self._system_due = False
+            return "system", None
         if self._metrics:
             return "metrics", [self._metrics.popleft()
                                for _ in range(min(len(self._metrics), MAX_METRICS_PER_BATCH))]
@@ -179,8 +204,11 @@ class RunTracker:
         if self._checkpoints_dirty:
             self._checkpoints_dirty = False
             return "checkpoints", None
-        artifact_file = next(iter(self._texts))
-        return "text", (artifact_file, self._texts.pop(artifact_file))
+        if self._texts:
+            artifact_file = next(iter(self._texts))
+            return "text", (artifact_file, self._texts.pop(artifact_file))
+        self._curve_due = False
+        return "curve", {key: dict(points) for key, points in self._history.items()}
 
     def _give_back(self, kind: str, work) -> None:
         if kind == "metrics":
@@ -190,8 +218,12 @@ class RunTracker:
             self._tags = work | self._tags  # a newer value set meanwhile wins
         elif kind == "checkpoints":
             self._checkpoints_dirty = True
-        else:
+        elif kind == "text":
             self._texts.setdefault(*work)
+        elif kind == "curve":
+            self._curve_due = True
+        elif kind == "system":
+            self._system_due = True
 
     def _send_loop(self) -> None:
         while True:
@@ -221,6 +253,8 @@ class RunTracker:
         elif is_permanent(error):
             if kind == "metrics":
                 self.dropped += len(work)
+            elif kind == "history":  # the run cannot be read, so there is nothing it already holds
+                self._logged_steps = {}
             log.warning("MLflow rejected %s for run %s; dropped: %s", kind, self.run_id,
                         redact_value(str(error))[:300])
         else:
@@ -238,17 +272,86 @@ class RunTracker:
         if self._client is None:
             self._client = connect(self._cfg, self._root)
         client = self._client
-        if kind == "metrics":
-            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in work])
+        if kind == "history":
+            self._read_history(client)
+        elif kind == "system":
+            self._start_system_metrics()
+        elif kind == "metrics":
+            logged = self._logged_steps
+            # A restart replays the steps after its checkpoint; the run holds them already, with the same values.
+            fresh = [Metric(k, v, ts, step) for k, v, ts, step in work if step > logged.get(k, -1)]
+            if fresh:
+                client.log_batch(self.run_id, metrics=fresh)
         elif kind == "tags":
             client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in work.items()])
         elif kind == "checkpoints":
             self._merge_remote_checkpoints(client)
+            self._mark_deleted_checkpoints()
             with self._cv:
                 records = [self._checkpoints[s] for s in sorted(self._checkpoints)]
             client.log_text(self.run_id, json.dumps(records, indent=1), CHECKPOINTS_FILE)
-        else:
+        elif kind == "text":
             client.log_text(self.run_id, work[1], work[0])
+        else:
+            self._log_curve(client, work)
+
+    def _read_history(self, client) -> None:
+        """Once, before anything is sent: the highest step of each metric the run holds (a restart's replayed
+        steps are at or below it), and the loss history so far, for a curve of the whole run."""
+        run = client.get_run(self.run_id)
+        steps = {m.key: m.step for m in run.data.to_proto().metrics}  # each key's latest: its highest step
+        earlier = {key: {m.step: m.value for m in client.get_metric_history(self.run_id, key)}
+                   for key in CURVE_KEYS if key in steps}
+        with self._cv:
+            for key, points in earlier.items():
+                self._history[key] = points | self._history[key]
+            self._logged_steps = steps
+
+    def _start_system_metrics(self) -> None:
+        """MLflow's own CPU/memory/GPU sampling (tracking.system_metrics) into this run's system/* metrics,
+        on a thread of MLflow's; it continues the run's earlier samples after a restart."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # It reads the run itself and treats an unreachable server as a run without samples.
+            monitor = SystemMetricsMonitor(self.run_id, resume_logging=True,
+                                           tracking_uri=tracking_uri(self._cfg, self._root))
+            monitor.start()
+        except Exception as error:  # not an outage (a missing psutil, say): retrying would not help
+            log.warning("MLflow system metrics not started for run %s: %s", self.run_id, error)
+            return
+        self._system_monitor = monitor
+
+    def _mark_deleted_checkpoints(self) -> None:
+        """Mark listed checkpoints whose marker is gone (pruned by checkpoint.keep_last, or deleted by hand)
+        as deleted, with when this was noticed. A storage that cannot be read leaves them as they were."""
+        import fsspec
+
+        from orchestrator.checkpoint import MARKER
+
+        with self._cv:
+            newest = max(self._uris, default=None)  # committed a moment ago by this rank: no need to look
+            listed = {s: self._uris.get(s, r["uri"]) for s, r in self._checkpoints.items()
+                      if not r.get("deleted") and s != newest}
+        gone = []
+        for step, uri in listed.items():
+            try:
+                fs, root = fsspec.core.url_to_fs(uri)
+                fs.invalidate_cache(root)  # pruned by this process a moment ago; a cached listing is stale
+                if not fs.exists(f"{root.rstrip('/')}/{MARKER}"):
+                    gone.append(step)
+            except Exception as error:
+                log.debug("cannot tell whether checkpoint %s still exists: %s", redact_value(uri), error)
+        now = int(time.time() * 1000)
+        with self._cv:
+            for step in gone:
+                self._checkpoints[step] = self._checkpoints[step] | {"deleted": True, "deleted_at": now}
+
+    def _log_curve(self, client, history: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/{LOSS_CURVE_FILE}"
+            if render_loss_curve(history, path, title=f"run {self.run_id}"):
+                client.log_artifact(self.run_id, path)
 
     def _merge_remote_checkpoints(self, client) -> None:
         """After a restart this tracker knows only new checkpoints; keep the ones the run already lists."""

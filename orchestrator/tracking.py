@@ -5,13 +5,13 @@ Rank 0 feeds the run through orchestrator.tracker.RunTracker.
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
 import posixpath
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +19,18 @@ from urllib.parse import urlparse
 
 from common.errors import LmforgeError
 from orchestrator.redact import REDACTED, is_secret_key, redact_config, redact_value
+from orchestrator.run_record import (
+    CONFIG_FILE,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    NOTE_TAG,
+    OVERRIDES_FILE,
+    RunRecord,
+    description,
+    resume_section,
+    truncate,
+    yaml_scalar,
+)
 from orchestrator.schema import TrackingConfig
 
 log = logging.getLogger("lmforge.tracking")
@@ -30,6 +42,11 @@ MAX_KEY_LENGTH = 250
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
 MAX_PARAMS_PER_BATCH = 100
+# A value past a limit is cut with a marker saying so, instead of failing the request and the run with it.
+PARAM_TRUNCATED = f"...[truncated, full value in {CONFIG_FILE}]"
+TAG_TRUNCATED = "...[truncated]"
+# Params stored before values were written as YAML, as they compare with today's.
+LEGACY_PARAMS = {"None": "null", "True": "true", "False": "false"}
 
 # Errors that will fail again however often they are retried; anything else (refused connection, timeout,
 # 5xx, a locked SQLite file) is treated as an outage and retried.
@@ -51,17 +68,14 @@ def flatten_params(params: Mapping, prefix: str = "") -> dict[str, object]:
 
 
 def redact_params(params: Mapping) -> dict[str, str]:
-    """Flatten, stringify, redact and truncate `params` into what MLflow may store."""
-    out = {}
-    for key, value in redact_config(flatten_params(params)).items():  # the same masking as run files
-        text = json.dumps(value, default=str) if isinstance(value, list | tuple | Mapping) else str(value)
-        out[safe_key(key)] = text[:MAX_PARAM_LENGTH]
-    return out
+    """Flatten, redact and truncate `params` into what MLflow may store, each value written as YAML."""
+    return {safe_key(key): truncate(yaml_scalar(value), MAX_PARAM_LENGTH, PARAM_TRUNCATED)
+            for key, value in redact_config(flatten_params(params)).items()}  # the same masking as run files
 
 
 def redact_tags(tags: Mapping) -> dict[str, str]:
-    return {safe_key(k): REDACTED if is_secret_key(str(k)) else redact_value(str(v))[:MAX_TAG_LENGTH]
-            for k, v in tags.items()}
+    return {safe_key(k): REDACTED if is_secret_key(str(k)) else
+            truncate(redact_value(str(v)), MAX_TAG_LENGTH, TAG_TRUNCATED) for k, v in tags.items()}
 
 
 def safe_key(key: str) -> str:
@@ -135,8 +149,9 @@ def with_retries(call, window_s: float):
 
 # --- driver side ---------------------------------------------------------------------------------------------
 def start_run(cfg: TrackingConfig, root: str, run_name: str, params: Mapping, tags: Mapping,
-              run_id: str | None = None) -> str | None:
+              run_id: str | None = None, record: RunRecord | None = None) -> str | None:
     """Create the job's one MLflow run, or reopen `run_id` as RUNNING; returns its id (None when backend=none).
+    `record` adds the description and the config/overrides files (orchestrator.run_record).
 
     An unreachable server here is a config mistake, so it fails the submit before any compute is spent.
     """
@@ -147,8 +162,11 @@ def start_run(cfg: TrackingConfig, root: str, run_name: str, params: Mapping, ta
         client = connect(cfg, root)
         window = cfg.request_timeout_s
         if run_id:
-            return resume_run(client, cfg, run_id, params, tags, shown)
+            resume_run(client, cfg, run_id, params, tags, shown, record)
+            return run_id
         experiment_id = with_retries(lambda: get_experiment(client, cfg, root, shown), window)
+        if record is not None:
+            tags = dict(tags) | {NOTE_TAG: description(record, parent_experiment(client, record.parent_run_id))}
         run = with_retries(lambda: client.create_run(
             experiment_id, run_name=run_name, tags=redact_tags(tags) | {"lmforge.run_name": run_name}), window)
         try:
@@ -157,6 +175,8 @@ def start_run(cfg: TrackingConfig, root: str, run_name: str, params: Mapping, ta
             with contextlib.suppress(Exception):  # the original error is the one worth reporting
                 client.set_terminated(run.info.run_id, "FAILED")
             raise
+        if record is not None:
+            log_files(client, run.info.run_id, record.files, window)
         return run.info.run_id
     except LmforgeError:
         raise
@@ -166,13 +186,35 @@ def start_run(cfg: TrackingConfig, root: str, run_name: str, params: Mapping, ta
                            "fix tracking.tracking_uri, or run with tracking=none") from error
 
 
+def parent_experiment(client, parent_run_id: str | None) -> str | None:
+    """The experiment of the run this one continues from, for a link to it; None when that run is not in
+    this store (a model trained against another server)."""
+    if not parent_run_id:
+        return None
+    try:
+        return client.get_run(parent_run_id).info.experiment_id
+    except Exception:
+        return None
+
+
+def log_files(client, run_id: str, files: Mapping[str, str], window_s: float) -> None:
+    """Upload text artifacts. A failure is a warning: the run and its metrics matter more than these copies."""
+    for artifact_file, text in files.items():
+        try:
+            with_retries(lambda text=text, name=artifact_file: client.log_text(run_id, text, name), window_s)
+        except Exception as error:
+            log.warning("could not upload %s to MLflow run %s: %s", artifact_file, run_id,
+                        redact_value(str(error))[:300])
+
+
 def get_experiment(client, cfg: TrackingConfig, root: str, shown: str) -> str:
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is None:
         # Without an explicit location a local store puts artifacts in ./mlruns of whatever the cwd is.
         location = None if is_remote(tracking_uri(cfg, root)) else artifact_location(root)
         try:
-            return client.create_experiment(cfg.experiment, artifact_location=location)
+            return client.create_experiment(cfg.experiment, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception as error:
             if getattr(error, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -180,11 +222,15 @@ def get_experiment(client, cfg: TrackingConfig, root: str, shown: str) -> str:
     if experiment.lifecycle_stage == "deleted":
         raise LmforgeError(f"MLflow experiment {cfg.experiment!r} at {shown} is deleted; restore it "
                            "(mlflow experiments restore) or set tracking.experiment to another name")
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older lmforge or by hand: open it on runs too
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
-def resume_run(client, cfg: TrackingConfig, run_id: str, params: Mapping, tags: Mapping, shown: str) -> str:
-    """Reopen an existing run. Params are immutable in MLflow, so changed values are recorded as tags."""
+def resume_run(client, cfg: TrackingConfig, run_id: str, params: Mapping, tags: Mapping, shown: str,
+               record: RunRecord | None = None) -> None:
+    """Reopen an existing run. Params are immutable in MLflow, so changed values are recorded as tags, and
+    the description gains a section naming this resume's command line and the keys it changed."""
     window = cfg.request_timeout_s
     try:
         run = with_retries(lambda: client.get_run(run_id), window)
@@ -195,14 +241,35 @@ def resume_run(client, cfg: TrackingConfig, run_id: str, params: Mapping, tags: 
     if run.info.lifecycle_stage == "deleted":
         raise LmforgeError(f"resume={run_id!r}: the MLflow run at {shown} is deleted; restore it first")
     with_retries(lambda: client.update_run(run_id, status="RUNNING"), window)
-    old = run.data.params
+    old = {k: LEGACY_PARAMS.get(v, v) for k, v in run.data.params.items()}
     new = redact_params(params)
     log_params(client, run_id, {k: v for k, v in new.items() if k not in old}, window)
-    changed = {safe_key(f"lmforge.resumed.{k}"): v[:MAX_TAG_LENGTH]
-               for k, v in new.items() if k in old and old[k] != v}
+    changed = {safe_key(f"lmforge.resumed.{k}"): v for k, v in new.items() if k in old and old[k] != v}
     resumed = {"lmforge.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if record is not None:
+        note = run.data.tags.get(NOTE_TAG, "") + "\n" + resume_section(record)
+        # Past the tag limit the oldest resume sections go, keeping the command that created the run.
+        resumed[NOTE_TAG] = note if len(note) <= MAX_TAG_LENGTH else note[:2000] + "\n\n...\n" + note[-5000:]
     set_tags(client, run_id, redact_tags(tags) | changed | resumed, window)
-    return run_id
+    if record is not None:
+        log_files(client, run_id, with_resume_overrides(client, run_id, record), window)
+
+
+def with_resume_overrides(client, run_id: str, record: RunRecord) -> dict[str, str]:
+    """A resume's files, its overrides added under the run's earlier ones, so the file tells the whole story."""
+    files = dict(record.files)
+    if OVERRIDES_FILE not in files:
+        return files
+    earlier = ""
+    try:
+        if any(f.path == OVERRIDES_FILE for f in client.list_artifacts(run_id)):
+            with tempfile.TemporaryDirectory() as tmp:
+                earlier = Path(client.download_artifacts(run_id, OVERRIDES_FILE, tmp)).read_text()
+    except Exception as error:  # the file then starts again from this resume
+        log.warning("could not read %s of MLflow run %s: %s", OVERRIDES_FILE, run_id, redact_value(str(error))[:300])
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    files[OVERRIDES_FILE] = f"{earlier}# resumed {stamp}\n{files[OVERRIDES_FILE]}" if earlier else files[OVERRIDES_FILE]
+    return files
 
 
 def log_params(client, run_id: str, params: dict[str, str], window_s: float) -> None:
