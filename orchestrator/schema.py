@@ -12,6 +12,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 TRACKING_BACKENDS = ("mlflow", "none")
+SWEEP_SEARCHES = ("grid", "random", "optuna")
+SWEEP_SCHEDULERS = ("asha", "none")
 
 
 @dataclass
@@ -177,6 +179,44 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`lmforge sweep`: what to search (Hydra sweep expressions) and how Ray Tune searches and schedules it."""
+    name: str = "none"
+    # Hydra sweep expressions, as on the command line: "trainer.lr=tag(log,interval(1e-4,1e-2))",
+    # "model.n_layer=choice(1,2)", "trainer.micro_batch_size=range(4,17,4)". The command line's win.
+    params: list[str] = field(default_factory=list)
+    search: str = "random"  # grid (choice/range only: every combination), random, or optuna (TPE)
+    metric: str = "val/loss"  # what ASHA, Optuna and the best trial are judged by; reported at every eval
+    mode: str = "min"
+    num_samples: int = 4  # trials drawn; for grid, how many times the whole grid runs
+    max_concurrent_trials: int = 0  # 0: as many as the cluster holds (each needs hardware.workers workers)
+    scheduler: str = "asha"  # asha: stop trials that trail the others at trainer steps grace_period*rf^k
+    grace_period: int | None = None  # trainer steps before ASHA may stop a trial; null: trainer.eval_every
+    reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor of trials at each rung
+    max_failures: int = 1  # Tune restarts a failed trial this often, from the trial's own last checkpoint
+    # CPUs Tune reserves for each trial's driver (it builds the trial's config and waits on its Train
+    # workers, which get their own placement group of hardware.workers x hardware.cpus_per_worker)
+    driver_cpus: float = 0.25
+
+    def validate(self, at: str = "sweep") -> None:
+        require(self.search in SWEEP_SEARCHES, f"{at}.search", self.search, f"one of {', '.join(SWEEP_SEARCHES)}")
+        require(self.scheduler in SWEEP_SCHEDULERS, f"{at}.scheduler", self.scheduler,
+                f"one of {', '.join(SWEEP_SCHEDULERS)}")
+        require(self.metric.startswith(("val/", "train/")), f"{at}.metric", self.metric,
+                "a reported metric such as val/loss, val/accuracy, train/loss")
+        require(self.mode in ("min", "max"), f"{at}.mode", self.mode, "min or max")
+        require(self.num_samples >= 1, f"{at}.num_samples", self.num_samples, "an integer >= 1")
+        require(self.max_concurrent_trials >= 0, f"{at}.max_concurrent_trials", self.max_concurrent_trials,
+                "an integer >= 0 (0: as many as fit)")
+        require(self.grace_period is None or self.grace_period >= 1, f"{at}.grace_period", self.grace_period,
+                "null or an integer >= 1")
+        require(self.reduction_factor > 1, f"{at}.reduction_factor", self.reduction_factor, "a number > 1")
+        require(self.max_failures >= -1, f"{at}.max_failures", self.max_failures,
+                "an integer >= 0, or -1 for no limit")
+        require(self.driver_cpus > 0, f"{at}.driver_cpus", self.driver_cpus, "a number > 0")
+
+
+@dataclass
 class PathsConfig:
     root: str = "${oc.env:LMFORGE_HOME,./lmforge_runs}"  # everything a run writes goes under here
 
@@ -191,12 +231,13 @@ class LmforgeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # read by `lmforge sweep` only
     seed: int = 1234
     run_name: str | None = None  # default: <model>-<objective>-<timestamp>
     resume: str | None = None  # a run dir, a checkpoint dir, or an MLflow run id
 
     def validate(self) -> None:
-        for section in ("model", "objective", "data", "hardware", "tracking", "trainer", "checkpoint"):
+        for section in ("model", "objective", "data", "hardware", "tracking", "trainer", "checkpoint", "sweep"):
             getattr(self, section).validate(section)
         require(self.data.seq_len <= self.model.max_seq_len or self.model.arch == "t5", "data.seq_len",
                 self.data.seq_len, f"an integer <= model.max_seq_len={self.model.max_seq_len}")
