@@ -178,7 +178,8 @@ def manifest_text(prepared: str) -> str | None:
         manifest = json.loads((Path(prepared) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return json.dumps(redact_config(manifest), indent=1)
+    # Its "key" names the prepared corpus; anywhere else a key named so would be a credential.
+    return json.dumps({k: v if k == "key" else redact_config({k: v})[k] for k, v in manifest.items()}, indent=1)
 
 
 def flat_changes(before: Mapping, after: Mapping, ignore: tuple[str, ...] = ()) -> dict[str, tuple[str, str]]:
