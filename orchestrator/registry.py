@@ -81,20 +81,20 @@ def log_final_model(cfg: LmforgeConfig, run_id: str, run_dir: str, checkpoint_ur
     # Before the export: a server that is down fails here in seconds, not after minutes of consolidating.
     run = with_retries(lambda: client.get_run(run_id), window)
     chosen, choice = final_checkpoint(cfg, run_dir, checkpoint_uri)
-    with tempfile.TemporaryDirectory(prefix="lmforge-register-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lmforge-register-") as tmp, at_store(cfg), offline_hub():
         out = export(chosen, f"{tmp}/model", cfg)
         info = json.loads((out / EXPORT_INFO).read_text())
         tags = lineage_tags(cfg, run, run_dir, info, choice)
-        description = lineage_description(tags, info.get("metrics") or {}, metrics)
-        with offline_hub():
-            model_uri, flavor, model_id = log_model(client, cfg, run, out, tags)
-    record = ModelRecord(model_uri, flavor, info["checkpoint"], info["step"])
-    if name is not None:
-        with_retries(lambda: ensure_registered_model(client, name), window)
-        # Not retried: a retry after a lost reply would add a second version of the same model.
-        version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description,
-                                              **({"model_id": model_id} if model_id else {}))
-        record.name, record.version = name, str(version.version)
+        model_uri, flavor, model_id = log_model(client, cfg, run, out, tags)
+        record = ModelRecord(model_uri, flavor, info["checkpoint"], info["step"])
+        if name is not None:
+            with_retries(lambda: ensure_registered_model(client, name), window)
+            description = lineage_description(tags, info.get("metrics") or {}, metrics)
+            # Not retried: a retry after a lost reply would add a second version of the same model.
+            version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
+                                                  description=description,
+                                                  **({"model_id": model_id} if model_id else {}))
+            record.name, record.version = name, str(version.version)
     with_retries(lambda: client.set_tag(run_id, "lmforge.registered_model", record.where()), window)
     return record
 
@@ -236,20 +236,23 @@ def log_model(client, cfg: LmforgeConfig, run, out: Path, tags: dict[str, str]) 
     return log_files(client, cfg, run, out)
 
 
-def logged_in(cfg: LmforgeConfig, client, run, tags: dict[str, str], flavor: str):
-    """An MLflow 3 logged model in the run's experiment, linked to the run.
-
-    Made here because MLflow's log_model would put it in the process's active experiment (the Default one,
-    whose artifacts land in ./mlruns of the working directory), not the run's. The fluent log_model reads
-    the process-global tracking URI, so it is pointed at the run's store for the call only.
-    """
+def at_store(cfg: LmforgeConfig):
+    """MLflow's process-global tracking URI pointed at the run's store until the block ends: log_model reads
+    it, and so does a local (SQLite) registry when it resolves a models:/ source. lmforge's own calls name
+    their store, so nothing else in the process depends on the global."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from orchestrator.tracking import tracking_uri
 
-    logged = client.create_logged_model(run.info.experiment_id, name=ARTIFACT_NAME, source_run_id=run.info.run_id,
-                                        tags=tags | {"lmforge.flavor": flavor})
-    return logged, _use_tracking_uri(tracking_uri(cfg.tracking, cfg.paths.root))
+    return _use_tracking_uri(tracking_uri(cfg.tracking, cfg.paths.root))
+
+
+def logged_in(client, run, tags: dict[str, str], flavor: str):
+    """An MLflow 3 logged model in the run's experiment, linked to the run. Made here because MLflow's
+    log_model would put it in the process's active experiment (the Default one, whose artifacts land in
+    ./mlruns of the working directory), not the run's."""
+    return client.create_logged_model(run.info.experiment_id, name=ARTIFACT_NAME, source_run_id=run.info.run_id,
+                                      tags=tags | {"lmforge.flavor": flavor})
 
 
 def requirements(*packages: str) -> list[str]:
@@ -276,11 +279,10 @@ def log_pipeline(client, cfg: LmforgeConfig, run, out: Path, task: str, tags: di
         options = {"model_config": {"max_new_tokens": MAX_NEW_TOKENS},
                    "signature": infer_signature("a prompt", "a prompt and its continuation",
                                                 params={"max_new_tokens": MAX_NEW_TOKENS})}
-    logged, at_store = logged_in(cfg, client, run, tags, "transformers")
-    with at_store:
-        info = mlflow.transformers.log_model(components, name=ARTIFACT_NAME, task=task, run_id=run.info.run_id,
-                                             model_id=logged.model_id, **options,
-                                             pip_requirements=requirements("transformers", "torch", "tokenizers"))
+    logged = logged_in(client, run, tags, "transformers")
+    info = mlflow.transformers.log_model(components, name=ARTIFACT_NAME, task=task, run_id=run.info.run_id,
+                                         model_id=logged.model_id, **options,
+                                         pip_requirements=requirements("transformers", "torch", "tokenizers"))
     return info.model_uri, "transformers", logged.model_id
 
 
@@ -291,11 +293,10 @@ def log_sentence_transformer(client, cfg: LmforgeConfig, run, out: Path, tags: d
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(out), device="cpu")
-    logged, at_store = logged_in(cfg, client, run, tags, "sentence_transformers")
-    with at_store:
-        info = mlflow.sentence_transformers.log_model(
-            model, name=ARTIFACT_NAME, run_id=run.info.run_id, model_id=logged.model_id,
-            pip_requirements=requirements("sentence-transformers", "transformers", "torch"))
+    logged = logged_in(client, run, tags, "sentence_transformers")
+    info = mlflow.sentence_transformers.log_model(
+        model, name=ARTIFACT_NAME, run_id=run.info.run_id, model_id=logged.model_id,
+        pip_requirements=requirements("sentence-transformers", "transformers", "torch"))
     return info.model_uri, "sentence_transformers", logged.model_id
 
 

@@ -9,6 +9,7 @@ in the run only; a broken tracking server costs a warning, never the run.
 
 import json
 import logging
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -20,8 +21,10 @@ from run_helpers import free_port
 from data.prepared import MANIFEST
 from orchestrator.checkpoint import read_marker
 from orchestrator.config import load_config
+from orchestrator.export import EXPORT_INFO, export
 from orchestrator.launcher import train
-from orchestrator.registry import register_final_model
+from orchestrator.registry import at_store, lineage_description, lineage_tags, log_model, register_final_model
+from orchestrator.tracking import start_run, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +82,8 @@ def smoke(home, server, client):
 def topics(home, server, client):
     # ft-topics, shortened: two evaluations, so the best checkpoint is chosen between them.
     return trained_and_registered(home, server, client, [
-        "experiment=ft-topics", "run_name=topics", "trainer.max_steps=40", "trainer.eval_every=20",
-        "checkpoint.every=20", "trainer.warmup_steps=4"])
+        "experiment=ft-topics", "run_name=topics", "trainer.max_steps=20", "trainer.eval_every=10",
+        "checkpoint.every=10", "trainer.warmup_steps=2"])
 
 
 def test_a_pretrained_causal_lm_is_registered_with_its_lineage_and_generates(smoke, client):
@@ -109,8 +112,6 @@ def test_a_pretrained_causal_lm_is_registered_with_its_lineage_and_generates(smo
 
 
 def cfg_prepared(result):
-    from pathlib import Path
-
     from orchestrator.runs import read_run_info
 
     return Path(read_run_info(result.run_dir)["prepared"])
@@ -169,3 +170,74 @@ def test_backend_none_does_nothing(smoke, home, client):
     logged_before = len(client.get_run(result.mlflow_run_id).outputs.model_outputs)
     assert register_final_model(cfg, result.mlflow_run_id, result.run_dir, result.checkpoint, {}) is None
     assert len(client.get_run(result.mlflow_run_id).outputs.model_outputs) == logged_before
+
+
+def test_the_default_local_store_registers_and_writes_nothing_into_the_working_directory(smoke, tmp_path,
+                                                                                          monkeypatch):
+    result, _, _ = smoke
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "local"
+    cfg = load_config([f"paths.root={root}", "experiment=smoke"])  # tracking: SQLite under paths.root
+    run_id = start_run(cfg.tracking, str(root), "local", {}, {})
+    record = register_final_model(cfg, run_id, result.run_dir, result.checkpoint, result.metrics)
+    assert (record.name, record.version) == ("gpt-tiny-clm", "1")
+    local = tracking_uri(cfg.tracking, str(root))
+    assert MlflowClient(local).get_model_version("gpt-tiny-clm", "1").tags["lmforge.run_id"] == run_id
+    with at_store(cfg):
+        [text] = mlflow.pyfunc.load_model("models:/gpt-tiny-clm/1").predict(["def"], params={"max_new_tokens": 4})
+    assert text.startswith("def")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local"]  # no ./mlruns, no ./mlflow.db
+
+
+def test_a_model_started_from_a_pretrained_run_names_its_parent(smoke, home, server, client, tmp_path):
+    result, _, _ = smoke
+    parent = export(result.checkpoint, str(tmp_path / "parent"), config(home, server, [])[0])
+    cfg, _ = config(home, server, ["experiment=smoke", f"model.pretrained={parent}"])
+    info = json.loads((parent / EXPORT_INFO).read_text())
+    tags = lineage_tags(cfg, client.get_run(result.mlflow_run_id), result.run_dir, info, "final")
+    assert tags["lmforge.parent"] == str(parent)
+    assert tags["lmforge.parent_run_id"] == result.mlflow_run_id
+    assert tags["lmforge.parent_checkpoint"] == result.checkpoint and tags["lmforge.parent_step"] == "20"
+    assert f"MLflow run `{result.mlflow_run_id}`, checkpoint `{result.checkpoint}`" in lineage_description(
+        tags, info["metrics"], {})
+
+
+def tiny_bert_dir(path: Path) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]))
+    BertTokenizerFast(str(path / "vocab.txt")).save_pretrained(str(path))
+    BertModel(BertConfig(vocab_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(str(path))
+    return path
+
+
+def test_a_contrastive_encoder_is_logged_as_a_sentence_embedder(smoke, home, server, client, tmp_path):
+    from model.sentence import save_sentence_transformer
+
+    out = tiny_bert_dir(tmp_path / "encoder")
+    save_sentence_transformer(out, "mean", 16)  # as export does for objective=contrastive
+    cfg, _ = config(home, server, ["experiment=smoke-simcse"])
+    run = client.create_run(client.get_run(smoke[0].mlflow_run_id).info.experiment_id)
+    with at_store(cfg):
+        uri, flavor, model_id = log_model(client, cfg, run, out, {})
+        embeddings = mlflow.pyfunc.load_model(uri).predict(["a b c", "c b"])
+    assert flavor == "sentence_transformers" and model_id in uri
+    assert embeddings.shape == (2, 32)
+
+
+def test_a_model_without_a_pipeline_is_logged_as_its_hugging_face_files(smoke, home, server, client, tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    out = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=8, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                                        decoder_start_token_id=0)).save_pretrained(str(out))
+    (out / EXPORT_INFO).write_text(json.dumps({"step": 3}))
+    cfg, _ = config(home, server, ["experiment=smoke-t5"])  # span corruption: no transformers 5 pipeline
+    run = client.create_run(client.get_run(smoke[0].mlflow_run_id).info.experiment_id)
+    uri, flavor, model_id = log_model(client, cfg, run, out, {})
+    assert (uri, flavor, model_id) == (f"runs:/{run.info.run_id}/model", "files", None)
+    files = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "down")))
+    assert json.loads((files / EXPORT_INFO).read_text())["step"] == 3
+    assert T5ForConditionalGeneration.from_pretrained(str(files)).config.d_model == 32
