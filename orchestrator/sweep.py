@@ -183,16 +183,11 @@ def execute(cfg: LmforgeConfig, swept: list[Swept], sweep: Sweep, address: str |
 def start_ray(cfg: LmforgeConfig, address: str | None, worker_env: dict, cpus_needed: float) -> bool:
     """Join the given cluster, or start an embedded one that holds every concurrent trial's workers and
     driver (launcher.connect sizes a cluster for one run's workers; here it is sized for `cpus_needed`).
-    On a small machine this oversubscribes the cores on purpose: the trials then share them.
-
-    The embedded cluster runs its dashboard (on 127.0.0.1), whatever hardware.ray_dashboard says: Ray
-    Train's placement-group cleaner asks the State API it serves whether a trial's Train controller is
-    alive, and without it the workers' placement group of a trial that ASHA stopped is never removed, so
-    its CPUs stay reserved and later trials cannot start."""
+    On a small machine this oversubscribes the cores on purpose: the trials then share them."""
     from orchestrator.launcher import connect
 
     sized = dataclasses.replace(cfg, hardware=dataclasses.replace(
-        cfg.hardware, workers=1, cpus_per_worker=max(1.0, math.ceil(cpus_needed) - 1.0), ray_dashboard=True))
+        cfg.hardware, workers=1, cpus_per_worker=max(1.0, math.ceil(cpus_needed) - 1.0)))
     # Tune saves the sweep's state this often (seconds), which bounds what an interrupted driver forgets:
     # a trial finished since the last save would run again on resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
@@ -226,7 +221,7 @@ def run_config(cfg: LmforgeConfig, sweep: Sweep, console):
 
     return tune.RunConfig(name=sweep.name, storage_path=str(Path(sweep.sweep_dir).parent),
                           failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-                          callbacks=[console], verbose=0)
+                          callbacks=[console, PlacementGroupReaper()], verbose=0)
 
 
 def trial_run_dir(cfg: LmforgeConfig, sweep_name: str, trial_id: str) -> str:
@@ -264,7 +259,6 @@ def run_trial(values: dict, sweep: Sweep) -> None:
     trainer = make_trainer(cfg, config_dict, embedded_cluster(), prepared, run_id, run_dir,
                            checkpoint.latest_checkpoint(run_dir), sweep.worker_env,
                            callbacks=[MetricReportCallback(cfg.sweep.metric)])
-    keep_placement_group_cleaner(trainer)
     try:
         trainer.fit()
     except BaseException:
@@ -280,26 +274,46 @@ def embedded_cluster() -> bool:
     return all(os.environ.get(k) == v for k, v in LOOPBACK_ONLY_ENV.items()) and not os.environ.get("RAY_ADDRESS")
 
 
-def keep_placement_group_cleaner(trainer) -> None:
-    """Give a trial's trainer back Ray Train's placement-group cleaner, which launcher.trainer_class leaves
-    out on an embedded cluster (there the cluster dies with the driver). A trial's driver is not the sweep's:
-    when ASHA stops a trial, Tune kills the trial's actor, its Train controller dies with it, and only the
-    cleaner removes the workers' placement group, which would otherwise hold their CPUs until the sweep
-    ends."""
-    base = type(trainer)
+def remove_orphaned_placement_groups() -> int:
+    """Remove the placement groups of this sweep's Train controllers that have died; returns how many.
 
-    class TrialTrainer(base):
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if not any(type(cb).__name__ == "PlacementGroupCleanerCallback" for cb in callbacks):
-                from ray.train.v2._internal.callbacks.placement_group_callback import (
-                    PlacementGroupCleanerCallback,
-                )
+    When ASHA stops a trial, Tune ends the trial's actor; the trial's Train controller and its workers die
+    with it, but the workers' placement group lives as long as the job that created it (the sweep), so its
+    CPUs would stay reserved and later trials could not start. Ray Train's own cleaner asks the State API,
+    which needs the dashboard and cannot tell several clusters on one machine apart; the GCS's table says
+    directly which groups' creating actor is dead. Only this job's, non-detached groups are touched."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-                callbacks.append(PlacementGroupCleanerCallback())
-            return callbacks
+    job, removed = ray.get_runtime_context().get_job_id(), 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():  # no public API has the creator
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (group.creator_job_id.hex() == job and group.creator_actor_dead and not group.is_detached
+                and group.state != gcs_pb2.PlacementGroupTableData.REMOVED
+                and not ray.ActorID(group.creator_actor_id).is_nil()):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            removed += 1
+    return removed
 
-    trainer.__class__ = TrialTrainer
+
+class PlacementGroupReaper(Callback):
+    """Runs remove_orphaned_placement_groups as trials end, and every few seconds while trials run (a trial's
+    actor exits a little after Tune marks it stopped)."""
+
+    def __init__(self, every_s: float = 2.0):
+        self.every_s, self.checked_at = every_s, 0.0
+
+    def on_step(self, iteration, trials, **info):
+        if time.monotonic() - self.checked_at >= self.every_s:
+            self.checked_at = time.monotonic()
+            remove_orphaned_placement_groups()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        remove_orphaned_placement_groups()
+
+    on_trial_error = on_trial_complete
 
 
 class MetricReportCallback(TuneReportCallback):
