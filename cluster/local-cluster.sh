@@ -120,7 +120,7 @@ address="http://127.0.0.1:$dashboard_port"
 # `lmforge stop` / `ray job stop` send the job's driver this signal: SIGINT reaches `lmforge train` as
 # Ctrl-C, which ends its MLflow run KILLED and leaves its checkpoints resumable; Ray's default SIGTERM would
 # end the driver before it could say so. It gets 30 s to do that before Ray kills it.
-export RAY_JOB_STOP_SIGNAL=SIGINT RAY_JOB_STOP_WAIT_TIME_S=30
+export RAY_JOB_STOP_WAIT_TIME_S=30
 export RAY_USAGE_STATS_ENABLED=0
 
 node_args() {  # node index -> the ray start options every node needs its own values of
