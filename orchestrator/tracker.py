@@ -350,7 +350,12 @@ class RunTracker:
     def _log_curve(self, client, history: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = f"{tmp}/{LOSS_CURVE_FILE}"
-            if render_loss_curve(history, path, title=f"run {self.run_id}"):
+            try:
+                drawn = render_loss_curve(history, path, title=f"run {self.run_id}")
+            except Exception as error:  # drawing again would fail again; only an upload is worth retrying
+                log.warning("could not draw %s for run %s: %s", LOSS_CURVE_FILE, self.run_id, error)
+                return
+            if drawn:
                 client.log_artifact(self.run_id, path)
 
     def _merge_remote_checkpoints(self, client) -> None:

@@ -44,8 +44,10 @@ MAX_STEPS = 12
 RUN = ["experiment=smoke", f"trainer.max_steps={MAX_STEPS}", "trainer.log_every=1", "trainer.eval_every=4",
        "trainer.gradient_accumulation_steps=4", "checkpoint.every=2", "checkpoint.keep_last=2",
        "tracking.request_timeout_s=5", "run_name=recorded"]
-KILL_AT, RESTART_AT = 2, 6  # checkpoints: the server dies after step 2's save and is restarted after step 6's,
-# so it is down from about step 3 and, as a restart takes seconds on a loaded machine, back by about step 8.
+# Checkpoints: the server dies after step 2's save, so it is down from about step 3, and is restarted after step
+# 4's; a start takes seconds (tens of seconds on a loaded machine), so it answers again from about step 8. The
+# worker waits 30 s at the end for queued metrics: a server down for longer than that loses them.
+KILL_AT, RESTART_AT = 2, 4
 
 
 def snapshot(client: MlflowClient, run_id: str, into: Path) -> dict:
