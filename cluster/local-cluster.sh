@@ -26,21 +26,16 @@ shift
 # (setsid), so stopping it can also reach anything of that node's that outlived it.
 stop_nodes() {
   local pid_file pid waited
-  shopt -s nullglob
-  local pid_files=("$state"/node-*.pid)
-  for pid_file in "${pid_files[@]}"; do
+  # Workers first, each before the next: a worker whose head is gone waits for it before it exits.
+  for pid_file in $(ls -r "$state"/node-*.pid 2>/dev/null); do
     pid="$(<"$pid_file")"
     kill -TERM "$pid" 2>/dev/null || true  # `ray start --block` stops its node's Ray processes on SIGTERM
-  done
-  for pid_file in "${pid_files[@]}"; do
-    pid="$(<"$pid_file")"
     for ((waited = 0; waited < 60; waited++)); do
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.5
     done
     if kill -0 "$pid" 2>/dev/null; then
       echo "$me: node process $pid did not stop within 30 s; killing its process group" >&2
-      kill -KILL -- "-$pid" 2>/dev/null || true
     fi
     # Ray processes that ignored the node's shutdown still carry its process group.
     kill -KILL -- "-$pid" 2>/dev/null || true
