@@ -67,6 +67,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_results import summary_lines
+
+    summary = run_sweep(args.overrides, address=args.address, worker_env=args.worker_env)
+    print("\n".join(summary_lines(summary)))
+    return 0 if summary.best is not None else 1
+
+
 def ui_overrides(overrides: list[str]) -> str:
     """The train command's overrides besides paths.root that decide where the MLflow store is."""
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("tracking", "tracking.tracking_uri")]
@@ -249,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; resume=<run dir | MLflow run id>")
     train.set_defaults(func=cmd_train)
+
+    sweep = commands.add_parser("sweep", help="search hyperparameters with Ray Tune: every trial a training run, "
+                                "ASHA stops trailing ones", parents=[verbosity])
+    sweep.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    sweep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; sweep expressions: key=choice(a,b), "
+                       "key=range(start,stop,step), key=tag(log,interval(low,high)); sweep=<preset>; "
+                       "resume=<sweep dir>")
+    sweep.set_defaults(func=cmd_sweep)
+
+    from orchestrator.jobs import add_job_commands  # submit, status, logs, stop, list
+
+    add_job_commands(commands, verbosity)
 
     ui = commands.add_parser("ui", help="browse runs in the MLflow UI (bound to 127.0.0.1 unless --host)",
                              parents=[verbosity])

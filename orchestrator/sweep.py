@@ -175,6 +175,8 @@ def execute(cfg: LmforgeConfig, swept: list[Swept], sweep: Sweep, address: str |
     finally:
         if started_here:
             ray.shutdown()
+        else:
+            release_trial_resources()
     summary = sweep_results.summarize(cfg, sweep, swept, results)
     finish_run(cfg.tracking, cfg.paths.root, sweep.parent_run_id, "FINISHED" if summary.best else "FAILED")
     return summary
@@ -283,19 +285,41 @@ def remove_orphaned_placement_groups() -> int:
     which needs the dashboard and cannot tell several clusters on one machine apart; the GCS's table says
     directly which groups' creating actor is dead. Only this job's, non-detached groups are touched."""
     import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    job, removed = ray.get_runtime_context().get_job_id(), 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():  # no public API has the creator
-        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (group.creator_job_id.hex() == job and group.creator_actor_dead and not group.is_detached
-                and group.state != gcs_pb2.PlacementGroupTableData.REMOVED
-                and not ray.ActorID(group.creator_actor_id).is_nil()):
+    removed = 0
+    for group in actor_placement_groups():
+        if group.creator_actor_dead:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
             removed += 1
     return removed
+
+
+def actor_placement_groups() -> list:
+    """This job's live, non-detached placement groups that an actor (a Train controller) created."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job, found = ray.get_runtime_context().get_job_id(), []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():  # no public API has the creator
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (group.creator_job_id.hex() == job and not group.is_detached
+                and group.state != gcs_pb2.PlacementGroupTableData.REMOVED
+                and not ray.ActorID(group.creator_actor_id).is_nil()):
+            found.append(group)
+    return found
+
+
+def release_trial_resources(timeout_s: float = 60.0) -> None:
+    """After the sweep, on a cluster that lives on: wait for the actors of trials stopped last to exit, and
+    remove their workers' placement groups."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        remove_orphaned_placement_groups()
+        if not actor_placement_groups():
+            return
+        time.sleep(1.0)
 
 
 class PlacementGroupReaper(Callback):

@@ -121,7 +121,8 @@ def trial_overrides(fixed: list[str], values: dict) -> list[str]:
 
 def train_command(fixed: list[str], values: dict) -> str:
     """The `lmforge train` command line that reruns one trial's config."""
-    kept = [o for o in fixed if not is_sweep_setting(o)]
+    # run_name names the sweep; the rerun is a run of its own
+    kept = [o for o in fixed if not is_sweep_setting(o) and o.split("=", 1)[0] != "run_name"]
     return "lmforge train " + " ".join(shlex.quote(o) for o in trial_overrides(kept, values))
 
 

@@ -186,19 +186,22 @@ def test_sweep_end_to_end_asha_mlflow_table_plots_and_best_command(local_ray, ml
         max(best_loss, key=lambda m: m.step).value, abs=1e-6)
 
 
+@pytest.fixture
+def crash_once(tmp_path, monkeypatch):
+    """The first trial to save step 8 loses rank 0 after its upload, before the checkpoint is committed
+    (checkpoint.crash_before_commit, once). Set before Ray starts: the local cluster's workers inherit it."""
+    monkeypatch.setenv("LMFORGE_FAULT_BEFORE_COMMIT", f"8:{tmp_path / 'crashed'}")
+    return tmp_path / "crashed"
+
+
 @pytest.mark.slow
-def test_a_crashed_trial_is_retried_from_its_checkpoint(local_ray, lmforge_home, tmp_path, monkeypatch):
-    # The first trial to save step 8 loses rank 0 after its upload, before the checkpoint is committed
-    # (checkpoint.crash_before_commit, once). trainer.max_failures=0 hands the failure to Tune, whose
-    # FailureConfig restarts the trial: from its own newest checkpoint, step 4.
-    os.environ["LMFORGE_FAULT_BEFORE_COMMIT"] = f"8:{tmp_path / 'crashed'}"
-    try:
-        summary = run_sweep(TINY + ["trainer.lr=choice(3e-3,2e-3)", "sweep.search=grid", "sweep.num_samples=1",
-                                    "sweep.scheduler=none", "sweep.max_concurrent_trials=2",
-                                    "trainer.max_failures=0", "sweep.max_failures=1"])
-    finally:
-        del os.environ["LMFORGE_FAULT_BEFORE_COMMIT"]
-    assert (tmp_path / "crashed").exists(), "the fault fired"
+def test_a_crashed_trial_is_retried_from_its_checkpoint(crash_once, local_ray, lmforge_home):
+    # trainer.max_failures=0 hands the crash to Tune, whose FailureConfig(max_failures=1) restarts the trial:
+    # from its own newest checkpoint (step 4), in its own MLflow run, while the other trial runs on.
+    summary = run_sweep(TINY + ["trainer.lr=choice(3e-3,2e-3)", "sweep.search=grid", "sweep.num_samples=1",
+                                "sweep.scheduler=none", "sweep.max_concurrent_trials=2",
+                                "trainer.max_failures=0", "sweep.max_failures=1"])
+    assert crash_once.exists(), "the fault fired"
     assert [t.state for t in summary.trials] == ["finished", "finished"]
     restored = {t.trial_id: restored_steps(lmforge_home, t.mlflow_run_id) for t in summary.trials}
     assert sorted(restored.values()) == [[], [4]], "one trial restarted from its step-4 checkpoint, once"
@@ -226,7 +229,6 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(lmforge_
             break
         time.sleep(0.5)
     assert second_started, driver.communicate()[0][-3000:] if driver.poll() is not None else "timed out"
-    time.sleep(6)  # Tune saves its experiment state every few seconds (TUNE_GLOBAL_CHECKPOINT_S)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     first, second = second_started
@@ -241,3 +243,18 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(lmforge_
     assert restored_steps(lmforge_home, second_run) == [4], "the unfinished trial continued from its checkpoint"
     assert max(metric_history(lmforge_home, second_run, "train/loss")) == 8
     assert "rerun best:  lmforge train" in out.stdout.splitlines()[-1]
+
+
+def test_optuna_suggests_values_inside_the_swept_ranges():
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.sweep import tune_config
+
+    _, checked = plan(TINY + ["sweep=width-optuna", "model.n_head=1"])
+    search = tune_config(checked.cfg, concurrency=2).search_alg
+    assert isinstance(search, OptunaSearch)
+    assert search.set_search_properties("val/loss", "min", tune_space(checked.swept, "optuna"))
+    for i in range(3):
+        values = search.suggest(f"t{i}")
+        assert 3e-4 <= values["trainer.lr"] <= 3e-2 and values["model.n_embd"] in (32, 64, 128)
+        load_config(trial_overrides(TINY + ["model.n_head=1"], values))  # every suggestion is a valid config
