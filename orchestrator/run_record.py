@@ -13,10 +13,14 @@ from pathlib import Path
 from orchestrator.redact import REDACTED, is_secret_key, redact_config, redact_value
 
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
-# MLflow 3's UI opens an experiment on the view its kind names, and one without a kind on the GenAI traces
-# view; "custom_model_development" ("Machine learning" in the UI) opens it on the runs table.
+# MLflow 3's UI opens an experiment on the GenAI traces view unless told it holds model training. Earlier 3.x
+# UIs read that from the experiment's kind tag ("custom_model_development", "Machine learning" in the UI).
+# 3.17's UI ignores the tag: a "GenAI | Model training" switch decides, from the URL's workflowType parameter,
+# else the browser's last choice (GenAI until the user switches). So lmforge sets the tag and also puts the
+# parameter on every UI link it writes (ui_url, run_link).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+RUNS_VIEW = "workflowType=machine_learning"
 CONFIG_FILE = "config.yaml"
 OVERRIDES_FILE = "overrides.txt"
 MANIFEST_FILE = "data_manifest.json"
@@ -135,7 +139,16 @@ def redact_override(item: str) -> str:
 def run_link(experiment_id: str | None, run_id: str) -> str:
     """A link to a run that works inside the MLflow UI (its routes are hash fragments); without the
     experiment, MLflow's run route finds it."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"#/runs/{run_id}"
+    route = f"#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"#/runs/{run_id}"
+    return f"{route}?{RUNS_VIEW}"
+
+
+def ui_url(base_url: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI at `base_url` opened on an experiment's runs table (or on the experiment list), in the
+    model-training view rather than the GenAI one. Only a link straight to the experiment keeps that view:
+    3.17's experiment list drops the parameter from the links it shows."""
+    route = f"#/experiments/{experiment_id}/runs" if experiment_id else "#/experiments"
+    return f"{base_url.rstrip('/')}/{route}?{RUNS_VIEW}"
 
 
 def description(record: RunRecord, parent_experiment_id: str | None = None) -> str:

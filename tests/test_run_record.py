@@ -32,9 +32,12 @@ from orchestrator.run_record import (
     MANIFEST_FILE,
     NOTE_TAG,
     OVERRIDES_FILE,
+    RunRecord,
     command_line,
+    description,
     git_state,
     ray_job_id,
+    ui_url,
     yaml_scalar,
 )
 from orchestrator.schema import TrackingConfig
@@ -249,3 +252,11 @@ def test_git_and_ray_job_tags_only_where_they_apply(tmp_path, monkeypatch):
     assert ray_job_id() is None
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}}))
     assert ray_job_id() == "raysubmit_1"
+
+
+def test_ui_links_open_the_model_training_view():
+    # MLflow 3.17's UI picks GenAI or model training from the URL (checked in headless Chromium by hand: a link
+    # without the parameter lands on "Traces 0 / No data available"); the description's parent link carries it.
+    note = description(RunRecord("lmforge train", parent_run_id="abc"), parent_experiment_id="3")
+    assert "[abc](#/experiments/3/runs/abc?workflowType=machine_learning)" in note
+    assert ui_url("http://127.0.0.1:5000/", "3") == "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
