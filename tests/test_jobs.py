@@ -94,9 +94,9 @@ def test_stop_ends_a_running_job(cluster, tmp_path):
     assert "status:      STOPPED" in run("status", job, env=cluster["env"]).stdout
     assert run("logs", job, env=cluster["env"]).returncode != 0  # logs exits 0 only for SUCCEEDED
     status = mlflow_status(root, "stopped-job")
-    if status == "RUNNING":
-        pytest.xfail("Ray stops a job's driver with SIGTERM (SIGINT arrives ignored), which `lmforge train` "
-                     "does not turn into its Ctrl-C path yet: see docs/cluster.md, 'Stopping a job'")
+    if status in ("RUNNING", "FAILED"):  # measured: FAILED (Ray's driver SIGTERM handler raises SystemExit)
+        pytest.xfail(f"MLflow run {status}: Ray stops a job's driver with SIGTERM (SIGINT arrives ignored), which "
+                     "`lmforge train` does not take as its Ctrl-C path yet: see docs/cluster.md, 'Stopping a job'")
     assert status == "KILLED"
 
 
