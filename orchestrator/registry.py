@@ -22,6 +22,10 @@ log = logging.getLogger("lmforge.registry")
 # logged as their Hugging Face files instead (see log_files). contrastive has its own flavor.
 PIPELINES = {"clm": "text-generation", "dialogue": "text-generation", "seq_cls": "text-classification",
              "token_cls": "token-classification", "mlm": "fill-mask"}
+# How a pipeline is called at predict(), saved with the model. Token classification: a word's label is its
+# first sub-word's, as token_cls trains it; "O" words are kept, because MLflow 3.17's pyfunc fails
+# (IndexError) on a sentence in which the pipeline finds no entity at all.
+PIPELINE_OPTIONS = {"token-classification": {"aggregation_strategy": "first", "ignore_labels": []}}
 # What predict() generates unless the caller passes params={"max_new_tokens": n}; the pipeline's own default
 # (max_length=20 including the prompt) silently cuts generation short.
 MAX_NEW_TOKENS = 32
@@ -272,7 +276,7 @@ def log_pipeline(client, cfg: LmforgeConfig, run, out: Path, task: str, tags: di
     model = getattr(transformers, config.architectures[0]).from_pretrained(out)
     # Passed loaded: given a path, MLflow 3.17 fails on transformers 5 ("'str' object has no attribute '__name__'").
     components = {"model": model, "tokenizer": transformers.AutoTokenizer.from_pretrained(out)}
-    options = {}
+    options = {"model_config": PIPELINE_OPTIONS[task]} if task in PIPELINE_OPTIONS else {}
     if task == "text-generation":
         from mlflow.models import infer_signature
 

@@ -26,8 +26,6 @@ from orchestrator.launcher import train
 from orchestrator.registry import at_store, lineage_description, lineage_tags, log_model, register_final_model
 from orchestrator.tracking import start_run, tracking_uri
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -43,6 +41,12 @@ def home(tmp_path_factory):
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield root
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def experiment_id(client):
+    """An experiment for models logged by hand, without training a run first."""
+    return client.create_experiment("registry-forms")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +90,7 @@ def topics(home, server, client):
         "checkpoint.every=10", "trainer.warmup_steps=2"])
 
 
+@pytest.mark.slow  # trains a real run first (shared by the module)
 def test_a_pretrained_causal_lm_is_registered_with_its_lineage_and_generates(smoke, client):
     result, cfg, version = smoke
     assert version.name == "gpt-tiny-clm"
@@ -117,6 +122,7 @@ def cfg_prepared(result):
     return Path(read_run_info(result.run_dir)["prepared"])
 
 
+@pytest.mark.slow  # trains a real run first (shared by the module)
 def test_a_fine_tuned_classifier_is_its_best_checkpoint_and_predicts_a_training_label(topics, client):
     result, cfg, version = topics
     assert version.name == "bert-tiny-seq_cls"
@@ -134,6 +140,7 @@ def test_a_fine_tuned_classifier_is_its_best_checkpoint_and_predicts_a_training_
     assert predicted["label"][0] in labels, (predicted, labels)
 
 
+@pytest.mark.slow  # trains a real run first (shared by the module)
 def test_register_false_logs_the_model_in_the_run_and_leaves_a_running_run_running(smoke, home, server, client):
     result, _, version = smoke
     cfg, _ = config(home, server, ["experiment=smoke", "tracking.register=false"])
@@ -153,6 +160,7 @@ def test_register_false_logs_the_model_in_the_run_and_leaves_a_running_run_runni
     assert type(pipeline).__name__ == "TextGenerationPipeline"
 
 
+@pytest.mark.slow  # trains a real run first (shared by the module)
 def test_a_broken_tracking_server_is_a_warning_not_an_error(smoke, home, caplog):
     result, _, _ = smoke
     dead = f"http://127.0.0.1:{free_port()}"
@@ -164,6 +172,7 @@ def test_a_broken_tracking_server_is_a_warning_not_an_error(smoke, home, caplog)
     assert "could not log the final model" in warning.getMessage() and dead in warning.getMessage()
 
 
+@pytest.mark.slow  # trains a real run first (shared by the module)
 def test_backend_none_does_nothing(smoke, home, client):
     result, _, _ = smoke
     cfg = load_config([f"paths.root={home}", "experiment=smoke", "tracking=none"])
@@ -172,6 +181,7 @@ def test_backend_none_does_nothing(smoke, home, client):
     assert len(client.get_run(result.mlflow_run_id).outputs.model_outputs) == logged_before
 
 
+@pytest.mark.slow  # trains a real run first (shared by the module)
 def test_the_default_local_store_registers_and_writes_nothing_into_the_working_directory(smoke, tmp_path,
                                                                                           monkeypatch):
     result, _, _ = smoke
@@ -189,6 +199,7 @@ def test_the_default_local_store_registers_and_writes_nothing_into_the_working_d
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local"]  # no ./mlruns, no ./mlflow.db
 
 
+@pytest.mark.slow  # trains a real run first (shared by the module)
 def test_a_model_started_from_a_pretrained_run_names_its_parent(smoke, home, server, client, tmp_path):
     result, _, _ = smoke
     parent = export(result.checkpoint, str(tmp_path / "parent"), config(home, server, [])[0])
@@ -213,13 +224,13 @@ def tiny_bert_dir(path: Path) -> Path:
     return path
 
 
-def test_a_contrastive_encoder_is_logged_as_a_sentence_embedder(smoke, home, server, client, tmp_path):
+def test_a_contrastive_encoder_is_logged_as_a_sentence_embedder(server, client, experiment_id, tmp_path):
     from model.sentence import save_sentence_transformer
 
     out = tiny_bert_dir(tmp_path / "encoder")
     save_sentence_transformer(out, "mean", 16)  # as export does for objective=contrastive
-    cfg, _ = config(home, server, ["experiment=smoke-simcse"])
-    run = client.create_run(client.get_run(smoke[0].mlflow_run_id).info.experiment_id)
+    cfg, _ = config(tmp_path, server, ["experiment=smoke-simcse"])
+    run = client.create_run(experiment_id)
     with at_store(cfg):
         uri, flavor, model_id = log_model(client, cfg, run, out, {})
         embeddings = mlflow.pyfunc.load_model(uri).predict(["a b c", "c b"])
@@ -227,17 +238,46 @@ def test_a_contrastive_encoder_is_logged_as_a_sentence_embedder(smoke, home, ser
     assert embeddings.shape == (2, 32)
 
 
-def test_a_model_without_a_pipeline_is_logged_as_its_hugging_face_files(smoke, home, server, client, tmp_path):
+def test_a_model_without_a_pipeline_is_logged_as_its_hugging_face_files(server, client, experiment_id, tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
 
     out = tmp_path / "t5"
     T5ForConditionalGeneration(T5Config(vocab_size=8, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
                                         decoder_start_token_id=0)).save_pretrained(str(out))
     (out / EXPORT_INFO).write_text(json.dumps({"step": 3}))
-    cfg, _ = config(home, server, ["experiment=smoke-t5"])  # span corruption: no transformers 5 pipeline
-    run = client.create_run(client.get_run(smoke[0].mlflow_run_id).info.experiment_id)
+    cfg, _ = config(tmp_path, server, ["experiment=smoke-t5"])  # span corruption: no transformers 5 pipeline
+    run = client.create_run(experiment_id)
     uri, flavor, model_id = log_model(client, cfg, run, out, {})
     assert (uri, flavor, model_id) == (f"runs:/{run.info.run_id}/model", "files", None)
     files = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "down")))
     assert json.loads((files / EXPORT_INFO).read_text())["step"] == 3
     assert T5ForConditionalGeneration.from_pretrained(str(files)).config.d_model == 32
+
+
+@pytest.mark.parametrize(("experiment", "head", "text"), [
+    ("ft-ner", "BertForTokenClassification", "a b c"),
+    ("smoke-mlm", "BertForMaskedLM", "a [MASK] c")])
+def test_token_classification_and_fill_mask_models_are_logged_as_their_pipelines(
+        server, client, experiment_id, tmp_path, experiment, head, text):
+    import torch
+    import transformers
+
+    out = tiny_bert_dir(tmp_path / "bert")
+    config_ = transformers.BertConfig.from_pretrained(str(out), id2label={0: "O", 1: "B-PER"})
+    model = getattr(transformers, head)(config_)  # as export writes the task's head
+    if experiment == "ft-ner":  # a tagger that finds no entity: every word is "O"
+        model.classifier.bias.data = torch.tensor([10.0, -10.0])
+    model.save_pretrained(str(out))
+    cfg, _ = config(tmp_path, server, [f"experiment={experiment}"])
+    run = client.create_run(experiment_id)
+    with at_store(cfg):
+        uri, flavor, _ = log_model(client, cfg, run, out, {})
+        pipeline = mlflow.transformers.load_model(uri)
+        predicted = mlflow.pyfunc.load_model(uri).predict([text])
+    assert flavor == "transformers"
+    assert type(pipeline).__name__ == {"ft-ner": "TokenClassificationPipeline",
+                                       "smoke-mlm": "FillMaskPipeline"}[experiment]
+    if experiment == "ft-ner":  # a sentence without entities still gets its words' labels, not an error
+        assert set(predicted[0].split(",")) == {"O"}, predicted
+    else:  # the token the model puts in place of [MASK]
+        assert predicted[0] in ["a", "b", "c", "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"], predicted
