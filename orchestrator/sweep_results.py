@@ -126,7 +126,8 @@ def plot(trials: list[Trial], swept: list[Swept], metric: str, out: Path) -> lis
 
 
 def close_child_runs(cfg: LmforgeConfig, trials: list[Trial]) -> None:
-    """A trial that ASHA stopped was killed before it could close its MLflow run: close it, saying why."""
+    """A trial that ASHA stopped was ended by Tune mid-fit, leaving its MLflow run RUNNING or FAILED: it
+    stopped as the sweep meant, so it ends FINISHED, tagged with how and where it ended."""
     from orchestrator.tracking import connect, finish_run, set_tags
 
     if cfg.tracking.backend == "none":
@@ -137,8 +138,9 @@ def close_child_runs(cfg: LmforgeConfig, trials: list[Trial]) -> None:
             continue
         set_tags(client, t.mlflow_run_id, {"lmforge.sweep_state": t.state, "lmforge.sweep_step": str(t.step)},
                  cfg.tracking.request_timeout_s)
-        if client.get_run(t.mlflow_run_id).info.status == "RUNNING":
-            finish_run(cfg.tracking, cfg.paths.root, t.mlflow_run_id, "FAILED" if t.state == FAILED else "FINISHED")
+        status = "FAILED" if t.state == FAILED else "FINISHED"
+        if client.get_run(t.mlflow_run_id).info.status != status:
+            finish_run(cfg.tracking, cfg.paths.root, t.mlflow_run_id, status)
 
 
 def record_parent(cfg: LmforgeConfig, sweep, best: Trial | None, command: str | None, files: list[Path]) -> None:

@@ -145,6 +145,10 @@ def train_steps(job: Job, step: int, num_params: int, startup: dict) -> None:
             publish(rank, tracker, progress, last, step)
         if save_due:
             save_and_report(job, step, last, evaluated=eval_due, stopped_early=stop)
+        elif eval_due:
+            # Every evaluation reaches Ray, so a sweep's scheduler (ASHA) can stop a trailing trial between
+            # checkpoints; a step that saves reports once, with its checkpoint. Every rank reports.
+            ray.train.report({"step": step, **last})
         if stop:
             if rank == 0:
                 notify(progress, job.selection.stop_message(step))

@@ -179,11 +179,14 @@ def test_sweep_end_to_end_asha_mlflow_table_plots_and_best_command(local_ray, ml
                          cwd=REPO, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rerun_id = next(line.split()[2] for line in out.stdout.splitlines() if line.startswith("mlflow run:"))
-    best_child = next(c for c in children if c.data.tags["lmforge.sweep_trial"] == best.trial_id)
     rerun_loss = MlflowClient(mlflow_server.uri).get_metric_history(rerun_id, "train/loss")
+    assert max(rerun_loss, key=lambda m: m.step).value == pytest.approx(best.train_loss, abs=1e-6), \
+        "the rerun ends at the best trial's final training loss (as the trial reported it to Tune)"
+
+    # Each child run holds its trial's own metric history, as a `lmforge train` run does.
+    best_child = next(c for c in children if c.data.tags["lmforge.sweep_trial"] == best.trial_id)
     best_loss = MlflowClient(mlflow_server.uri).get_metric_history(best_child.info.run_id, "train/loss")
-    assert max(rerun_loss, key=lambda m: m.step).value == pytest.approx(
-        max(best_loss, key=lambda m: m.step).value, abs=1e-6)
+    assert best_loss and max(best_loss, key=lambda m: m.step).value == pytest.approx(best.train_loss, abs=1e-6)
 
 
 @pytest.fixture
