@@ -1,6 +1,7 @@
 """Training throughput of lmforge (1 and 2 workers) against plain PyTorch and torchrun DDP, plus cold start.
 
     python bench/train_bench.py [--steps 100]
+    python bench/train_bench.py --system-metrics [--steps 100] [--rounds 3]   (what tracking.system_metrics costs)
 
 All runs train the same model on the same prepared data for the same number of steps, with the same
 micro batch per process and one torch thread per process. lmforge runs as users run it: `lmforge train`
@@ -26,6 +27,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 SECTION = "Training throughput"
+SYSTEM_SECTION = "System metrics cost"
 THREADS = 1  # Ray gives each 1-CPU worker OMP_NUM_THREADS=1; the baselines are pinned to match
 
 
@@ -64,8 +66,9 @@ def run_lmforge(base: list[str], workers: int, scratch: str) -> dict:
     # lmforge prints: "first step:  16.8s after launch (python_and_imports 2.0s, data_prepared 0.0s, ...)"
     found = re.search(r"first step:\s+([\d.]+)s after launch \((.*)\)", output)
     phases = dict((name, float(secs)) for name, secs in re.findall(r"(\w+) ([\d.]+)s", found.group(2)))
+    system = [key for key in client.get_run(run_id).data.metrics if key.startswith("system/")]
     return {"windows": [m.value for m in history if m.step % WINDOW == 0],
-            "cold_start": {"total": float(found.group(1))} | phases}
+            "cold_start": {"total": float(found.group(1))} | phases, "system_metrics": len(system)}
 
 
 def run_torch(base: list[str], prepared: str, nproc: int, scratch: str, deepspeed: bool = False,
@@ -180,6 +183,37 @@ def render(args, rows: dict, per_round: dict, cold: dict[int, list[dict]], probe
     return "\n".join(lines) + "\n"
 
 
+def system_metrics_cost(args, base: list[str], scratch: str, per_process: int) -> str:
+    """lmforge with tracking.system_metrics off and on, alternating (the order flips each round, so a drift in
+    the machine's load falls on both); returns the section for RESULTS.md."""
+    windows, loads, sampled = {False: [], True: []}, [], []
+    for round_ in range(args.rounds):
+        for on in ((False, True) if round_ % 2 == 0 else (True, False)):
+            loads.append(os.getloadavg()[0])
+            print(f"bench: round {round_ + 1}: tracking.system_metrics={str(on).lower()}", flush=True)
+            out = run_lmforge(base + [f"tracking.system_metrics={str(on).lower()}"], args.workers, scratch)
+            windows[on] += out["windows"][1:]  # the first window holds the warm-up steps
+            if on:
+                sampled.append(out["system_metrics"])
+    off, on = statistics.median(windows[False]), statistics.median(windows[True])
+    lines = [f"## {SYSTEM_SECTION}", "",
+             f"Measured {time.strftime('%Y-%m-%d %H:%M')} with `python bench/train_bench.py --system-metrics "
+             f"--steps {args.steps} --rounds {args.rounds} --workers {args.workers}` on {machine()}.", "",
+             f"The training-throughput workload (`{' '.join(workload(args.steps))}`) on {args.workers} worker(s), "
+             "with `tracking.system_metrics` off and on in alternating runs. On, MLflow's SystemMetricsMonitor "
+             "samples CPU, memory, disk and network (and GPU where there is one) every 10 s on rank 0 and logs "
+             f"them as system/* metrics ({', '.join(map(str, sampled))} keys per run). Step time is lmforge's "
+             f"`train/step_time_s` per {WINDOW}-step window, first window left out, median over all runs.", "",
+             "| tracking.system_metrics | windows | median step time | tokens/s (median) |", "|---|---|---|---|"]
+    tokens = per_process * args.workers
+    for flag, median in ((False, off), (True, on)):
+        lines.append(f"| {str(flag).lower()} | {len(windows[flag])} | {median:.4f} s | {tokens / median:,.0f} |")
+    lines += ["", f"On/off step-time ratio: {on / off:.3f}. 1-minute load average before each run: "
+              + ", ".join(f"{v:.1f}" for v in loads) + " (above about 2 on this 2-core machine, other jobs shared "
+              "the CPUs)."]
+    return "\n".join(lines) + "\n"
+
+
 def write_section(path: Path, section: str, title: str = SECTION) -> None:
     """Replace only our section; re-read first, since others add their own sections to this file."""
     text = path.read_text() if path.exists() else "# lmforge benchmarks\n"
@@ -197,6 +231,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the five runs, windows pooled")
     parser.add_argument("--root", help="lmforge paths.root (default: a fresh temporary directory)")
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
+    parser.add_argument("--system-metrics", action="store_true",
+                        help="measure only what tracking.system_metrics costs (its own RESULTS.md section)")
+    parser.add_argument("--workers", type=int, default=1, help="workers for --system-metrics")
     parser.add_argument("--probe", nargs="+", metavar=("PREPARED", "OVERRIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -215,6 +252,11 @@ def main() -> None:
     prepared = str(prepare_training_data(cfg.data, cfg.paths.root, cfg.seed))
     params = sum(p.numel() for p in build_model(cfg.model, read_vocabulary(prepared).size, cfg.seed).parameters())
     per_process = cfg.trainer.micro_batch_size * cfg.data.seq_len
+    if args.system_metrics:
+        section = system_metrics_cost(args, base, scratch, per_process)
+        write_section(args.results, section, SYSTEM_SECTION)
+        print(section)
+        return
 
     runs = (("plain PyTorch loop", 1), ("lmforge, 1 worker", 1), ("torchrun DDP", 2),
             (DEEPSPEED_ONLY, 2), ("lmforge, 2 workers", 2))

@@ -260,3 +260,21 @@ def test_ui_links_open_the_model_training_view():
     note = description(RunRecord("lmforge train", parent_run_id="abc"), parent_experiment_id="3")
     assert "[abc](#/experiments/3/runs/abc?workflowType=machine_learning)" in note
     assert ui_url("http://127.0.0.1:5000/", "3") == "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+
+
+def test_system_metrics_switch_samples_into_the_run(tmp_path, monkeypatch):
+    from orchestrator.tracker import RunTracker
+    from orchestrator.tracking import connect
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # MLflow's default is 10 s
+    root = str(tmp_path / "root")
+    cfg = TrackingConfig(system_metrics=True)
+    run_id = start_run(cfg, root, "sampled", {}, {})
+    tracker = RunTracker(cfg, root, run_id)
+    client = connect(cfg, root)
+    deadline = time.monotonic() + 60
+    while not any(k.startswith("system/") for k in client.get_run(run_id).data.metrics):
+        assert time.monotonic() < deadline, "no system/* metric within a minute"
+        time.sleep(0.5)
+    tracker.close()
+    assert "system/cpu_utilization_percentage" in client.get_run(run_id).data.metrics
