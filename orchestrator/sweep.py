@@ -257,9 +257,17 @@ def run_trial(values: dict, sweep: Sweep) -> None:
     runs.write_run_info(run_dir, {"run_name": name, "mlflow_run_id": run_id, "config": redact_config(config_dict),
                                   "prepared": prepared, "sweep": sweep.name, "trial_id": trial_id,
                                   "values": values})
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is not None and checkpoint.step_of(latest) >= cfg.trainer.max_steps:
+        # Its driver was interrupted after the last checkpoint but before Tune heard the end: report what
+        # that checkpoint recorded instead of starting workers with nothing left to train.
+        marker = checkpoint.read_marker(latest)
+        tune.report({"step": marker["step"], **marker["metrics"]})
+        finish_run(cfg.tracking, cfg.paths.root, run_id, "FINISHED")
+        return
     checkpoint.drop_ray_snapshot(run_dir)
     trainer = make_trainer(cfg, config_dict, embedded_cluster(), prepared, run_id, run_dir,
-                           checkpoint.latest_checkpoint(run_dir), sweep.worker_env,
+                           latest, sweep.worker_env,
                            callbacks=[MetricReportCallback(cfg.sweep.metric)])
     try:
         trainer.fit()
