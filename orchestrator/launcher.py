@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +64,9 @@ def connect(address: str | None, cfg: LmforgeConfig, worker_env: dict[str, str])
             # address instead, where nothing listens.
             use_loopback_only()
         # A remote cluster gets this checkout as the job's working directory; the packages are top-level.
-        runtime_env |= {"working_dir": str(REPO_ROOT), "excludes": SHIPPED_EXCLUDES}
+        # A Ray job (lmforge submit) already runs in the code it shipped, which Ray gives its workers too.
+        if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+            runtime_env |= {"working_dir": str(REPO_ROOT), "excludes": SHIPPED_EXCLUDES}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose,
                  logging_level="INFO" if verbose else "ERROR")
         return False
@@ -117,6 +120,7 @@ def ray_temp_dir(cfg: LmforgeConfig) -> str | None:
 def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
           worker_env: dict[str, str] | None = None) -> TrainResult:
     from orchestrator.progress import say
+    from orchestrator.registry import register_final_model
     from orchestrator.tracking import finish_run
 
     wall_started = time.time()
@@ -162,8 +166,9 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
     runs.write_run_info(run_dir, info)
     marks["ray_and_tracking_ready"] = time.time()
     try:
-        metrics = fit(cfg, config_dict, embedded, prepared, mlflow_run_id, run_dir, plan, worker_env or {})
-    except KeyboardInterrupt:  # Ctrl-C: the checkpoints stay resumable; close the MLflow run as killed
+        with stop_signals_interrupt():
+            metrics = fit(cfg, config_dict, embedded, prepared, mlflow_run_id, run_dir, plan, worker_env or {})
+    except KeyboardInterrupt:  # Ctrl-C or `lmforge stop`: the checkpoints stay resumable; the run is killed
         finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "KILLED")
         raise
     except BaseException:
@@ -177,9 +182,35 @@ def train(cfg: LmforgeConfig, overrides: list[str], address: str | None = None,
         if failed:
             raise LmforgeError(f"training failed: {failed}")
         raise LmforgeError(f"training failed: {worker_user_error(error) or error}") from error
+    final = latest_checkpoint(run_dir)
+    register_final_model(cfg, mlflow_run_id, run_dir, final, metrics)  # never raises: a warning at worst
     finish_run(cfg.tracking, cfg.paths.root, mlflow_run_id, "FINISHED")
-    return TrainResult(run_name, run_dir, mlflow_run_id, metrics, latest_checkpoint(run_dir),
+    return TrainResult(run_name, run_dir, mlflow_run_id, metrics, final,
                        first_step - wall_started if first_step else None, startup, wall_started)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """While the workers train, SIGTERM (how `lmforge stop` and `ray job stop` end a job's driver) is Ctrl-C,
+    so the run ends KILLED with its checkpoints resumable, not FAILED through the SystemExit of Ray's own
+    handler. A job's driver also inherits SIGINT ignored. Off the main thread (an embedding program) signals
+    cannot be set and stay as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, interrupt)
+    if before[signal.SIGINT] == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def sample_spec(cfg: LmforgeConfig):

@@ -171,6 +171,10 @@ class TrackingConfig:
 
     def validate(self, at: str = "tracking") -> None:
         self.wandb.validate(f"{at}.wandb")
+        # Checked before training, since registering happens at the end, where a bad name only warns.
+        require(self.model_name is None or (bool(self.model_name.strip()) and not any(c in self.model_name
+                                                                                          for c in "/:")),
+                f"{at}.model_name", self.model_name, "null or a registered model name without '/' or ':'")
         require(self.backend in TRACKING_BACKENDS, f"{at}.backend", self.backend,
                 f"one of {', '.join(TRACKING_BACKENDS)}")
         require(self.request_timeout_s > 0, f"{at}.request_timeout_s", self.request_timeout_s, "a number > 0")

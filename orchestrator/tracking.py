@@ -130,7 +130,10 @@ def connect(cfg: TrackingConfig, root: str):
 
 
 def is_permanent(error: BaseException) -> bool:
-    return isinstance(error, LmforgeError) or getattr(error, "error_code", None) in PERMANENT_ERRORS
+    from orchestrator.credentials import is_refusal
+
+    return (isinstance(error, LmforgeError) or getattr(error, "error_code", None) in PERMANENT_ERRORS
+            or is_refusal(error))
 
 
 def with_retries(call, window_s: float):
@@ -181,6 +184,10 @@ def start_run(cfg: TrackingConfig, root: str, run_name: str, params: Mapping, ta
     except LmforgeError:
         raise
     except Exception as error:
+        from orchestrator.credentials import refusal_error
+
+        if (refused := refusal_error(error, shown, cfg.experiment)) is not None:
+            raise refused from None
         raise LmforgeError(f"cannot start an MLflow run at tracking.tracking_uri={shown}: "
                            f"{type(error).__name__}: {redact_value(str(error))[:300]}. Start the tracking server, "
                            "fix tracking.tracking_uri, or run with tracking=none") from error

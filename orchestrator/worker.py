@@ -24,6 +24,7 @@ from orchestrator.quiet import silence_loggers
 from orchestrator.redact import redact_config
 from orchestrator.selection import Selection
 from orchestrator.tracker import RunTracker
+from orchestrator.wandb_logger import WandbLogger
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Job:
     data_identity: dict  # what the loader's position means; saved with it
     selection: Selection  # best checkpoint and early stopping, by a validation metric
     references: list | None = None  # a fine-tuning task's validation truth, read at its first evaluation
+    wandb: WandbLogger | None = None  # rank 0's optional second logger (tracking.wandb)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -88,11 +90,19 @@ def train_loop(loop_config: dict) -> None:
     trace_samples(loader, rank)
 
     job.tracker = RunTracker(cfg.tracking, cfg.paths.root, loop_config["mlflow_run_id"]) if rank == 0 else None
+    if rank == 0:
+        job.wandb = WandbLogger(cfg.tracking.wandb, cfg.paths.root)
+        job.wandb.start(loop_config["run_dir"].rstrip("/").rsplit("/", 1)[-1], loop_config["config"],
+                        run_key=loop_config["mlflow_run_id"])
+    failed = True
     try:
         train_steps(job, step, num_params, startup)
-    finally:  # the metric sender flushes and closes however the loop ends
+        failed = False
+    finally:  # the metric senders flush and close however the loop ends
         if job.tracker is not None:
             job.tracker.close()
+        if job.wandb is not None:
+            job.wandb.finish(exit_code=1 if failed else 0)
 
 
 def train_steps(job: Job, step: int, num_params: int, startup: dict) -> None:
@@ -130,7 +140,7 @@ def train_steps(job: Job, step: int, num_params: int, startup: dict) -> None:
             progress.put({"event": "first_step", "time": time.time(), "startup": startup})
         first_step = False
         if diverged:
-            stop_diverged(rank, tracker, progress, last, step, diverged)
+            stop_diverged(rank, tracker, progress, last, step, diverged, job.wandb)
             break
         if log_due:
             last |= {f"train/{k}": v for k, v in meter.read().items()}
@@ -142,7 +152,7 @@ def train_steps(job: Job, step: int, num_params: int, startup: dict) -> None:
             stop = job.selection.should_stop and step < tr.max_steps
             save_due |= stop
         if log_due or eval_due:
-            publish(rank, tracker, progress, last, step)
+            publish(rank, tracker, progress, last, step, job.wandb)
         if save_due:
             save_and_report(job, step, last, evaluated=eval_due, stopped_early=stop)
         elif eval_due:
@@ -286,11 +296,11 @@ def weights_finite(engine) -> bool:
     return bool(torch.isfinite(sums.sum()))
 
 
-def stop_diverged(rank: int, tracker, progress, metrics: dict, step: int, message: str) -> None:
+def stop_diverged(rank: int, tracker, progress, metrics: dict, step: int, message: str, wandb=None) -> None:
     """End a diverged run on every rank (each sees the same all-reduced loss and global grad norm). Ending
     the loop instead of raising keeps Ray Train from restarting a run that would only diverge again; the
     driver turns the message into the run's error. The bad metrics still reach MLflow."""
-    publish(rank, tracker, progress, metrics, step)
+    publish(rank, tracker, progress, metrics, step, wandb)
     if rank == 0:
         if progress is None:
             raise LmforgeError(message)
@@ -343,10 +353,12 @@ def evaluate(engine, objective, prepared: str, cfg, rank: int, world_size: int) 
     return {f"val/{k}": v for k, v in objective.metrics(totals).items()}
 
 
-def publish(rank: int, tracker, progress, metrics: dict, step: int) -> None:
+def publish(rank: int, tracker, progress, metrics: dict, step: int, wandb: WandbLogger | None = None) -> None:
     if rank != 0:
         return
     tracker.log_metrics(metrics, step)
+    if wandb is not None:
+        wandb.log(metrics, step)
     if progress is not None:
         progress.put({"event": "metrics", "step": step, **metrics})
 

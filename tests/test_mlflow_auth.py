@@ -159,8 +159,6 @@ def test_wrong_password_stops_train_before_training_with_one_line(server, capsys
     assert not admin_runs(server["uri"])
 
 
-@pytest.mark.xfail(strict=True, reason="wired by lead: orchestrator/tracking.py start_run maps 401/403 through "
-                                       "orchestrator.credentials.refusal_error")
 def test_wrong_password_error_says_which_variables_to_set(server, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", WRONG_PASSWORD)
     assert train(server, "run_name=wrong-password-clear") == 2

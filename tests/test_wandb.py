@@ -92,7 +92,6 @@ def test_disabled_logger_does_nothing(tmp_path, offline):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="wired by lead: orchestrator/worker.py creates the WandbLogger on rank 0")
 def test_training_run_with_wandb_offline_logs_the_same_losses_as_mlflow(tmp_path, offline, one_thread):
     import ray
     from run_helpers import losses
