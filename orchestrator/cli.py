@@ -89,6 +89,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
     from orchestrator.config import load_config
+    from orchestrator.run_record import ui_url
     from orchestrator.tracking import is_remote, tracking_uri, ui_command
 
     cfg = load_config(args.overrides)
@@ -104,7 +105,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"lmforge: warning: the MLflow UI on {args.host} is reachable from other machines and has no "
               "authentication; for a shared server run `mlflow server --app-name basic-auth` instead",
               file=sys.stderr)
-    print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {uri}: {ui_url(f'http://{args.host}:{args.port}', experiment_id(cfg))}  (Ctrl-C to stop)",
+          flush=True)
     # Its own process group: Ctrl-C reaches only lmforge, which stops the server and its workers with SIGTERM
     # (their graceful shutdown), instead of each printing a KeyboardInterrupt traceback.
     server = subprocess.Popen(ui_command(cfg.tracking, cfg.paths.root, args.host, args.port), start_new_session=True)
@@ -118,6 +120,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
             os.killpg(server.pid, signal.SIGKILL)
         print("lmforge: MLflow UI stopped", file=sys.stderr)
         return 0
+
+
+def experiment_id(cfg) -> str | None:
+    """The configured experiment's id in the local store, for a link straight to its runs table (MLflow 3.17's
+    UI opens anything else on the GenAI view); None when it does not exist yet or the store cannot be read."""
+    from orchestrator.tracking import connect
+
+    try:
+        experiment = connect(cfg.tracking, cfg.paths.root).get_experiment_by_name(cfg.tracking.experiment)
+    except Exception:
+        return None
+    return experiment.experiment_id if experiment else None
 
 
 def speed_summary(metrics: dict) -> str:
