@@ -2,6 +2,7 @@
 end to end on a real local Ray cluster, with real DeepSpeed trials, ASHA, MLflow parent and child runs,
 a crashed trial retried from its checkpoint, and an interrupted sweep resumed."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -235,10 +236,8 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(lmforge_
             break
         time.sleep(0.5)
     assert second_started, driver.communicate()[0][-3000:] if driver.poll() is not None else "timed out"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    kill_sweep(driver)
     first, second = second_started
-    time.sleep(5)  # the trial's Train workers have their own process groups: they stop once the raylet is gone
     killed_at = step_of(latest_checkpoint(str(second)))
     first_marker = (first / "checkpoint_00000008" / "lmforge_checkpoint.json").stat().st_mtime_ns
 
@@ -269,3 +268,25 @@ def test_optuna_suggests_values_inside_the_swept_ranges():
         values = search.suggest(f"t{i}")
         assert 3e-4 <= values["trainer.lr"] <= 3e-2 and values["model.n_embd"] in (32, 64, 128)
         load_config(trial_overrides(TINY + ["model.n_head=1"], values))  # every suggestion is a valid config
+
+
+def kill_sweep(driver: subprocess.Popen) -> None:
+    """SIGKILL the sweep's driver, the cluster it started (its process group) and that cluster's workers
+    (the raylet's children, in process groups of their own), all at once, as a machine that loses power."""
+    import psutil
+
+    group = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == driver.pid]
+    raylets = {p.pid for p in group if "raylet" in " ".join(p.cmdline() if p.is_running() else [])}
+    workers = [p for p in psutil.process_iter(["ppid"]) if p.info["ppid"] in raylets]
+    os.killpg(driver.pid, signal.SIGKILL)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    driver.wait()
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
