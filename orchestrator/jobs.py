@@ -273,6 +273,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator.runs import default_run_name, storage_root
     from orchestrator.tracking import tracking_uri
 
+    if args.sweep:
+        return submit_sweep(args)
     cfg = load_config(args.overrides)
     run_name = cfg.run_name or (None if cfg.resume else default_run_name(cfg))
     overrides = job_overrides(cfg, args.overrides, run_name)
@@ -303,6 +305,51 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     return follow(cluster, job_id)
+
+
+def submit_sweep(args: argparse.Namespace) -> int:
+    """`lmforge sweep` as a Ray job, so the sweep's driver (Tune's controller) lives on the cluster, not on a
+    laptop. Every trial's config is checked here first, as `lmforge sweep` itself does before it starts."""
+    from orchestrator.config import load_config
+    from orchestrator.sweep import plan, sweep_name
+    from orchestrator.tracking import tracking_uri
+
+    resume = given(args.overrides, "resume")
+    if resume is not None:  # the sweep continues as it was configured; only its path must be absolute here
+        name = Path(resume.rstrip("/")).name
+        entry = ["resume=" + (resume if is_uri(resume) else str(Path(resume).expanduser().resolve()))]
+        sweep_dir = entry[0].split("=", 1)[1]
+        uri = None
+    else:
+        fixed, checked = plan(args.overrides)
+        cfg = checked.cfg
+        name = sweep_name(cfg)
+        fixed = job_overrides(cfg, fixed, name)
+        cfg = load_config(fixed)  # as the job will compose it: absolute paths, the sweep's name
+        cluster_nodes = Cluster(args.address).alive_nodes()
+        if not args.allow_scale_up:
+            check_fit(cfg, cluster_nodes)  # one trial at a time must fit; Tune queues the rest
+        if len(cluster_nodes) > 1:
+            check_shared_storage(cfg, args.shared_root)
+        entry = fixed + [s.expression for s in checked.swept]
+        sweep_dir = f"{cfg.paths.root}/sweeps/{name}"
+        uri = redact_value(tracking_uri(cfg.tracking, cfg.paths.root))
+    cluster = Cluster(args.address)
+    job_id = f"lmforge-{name}-{secrets.token_hex(3)}"
+    with tempfile.TemporaryDirectory(prefix="lmforge-job-") as staged:
+        shipped = stage_code(Path(staged))
+        with cluster.errors():
+            cluster.client.submit_job(
+                entrypoint=shlex.join(["lmforge", "sweep", *entry]), submission_id=job_id,
+                runtime_env=runtime_env(Path(staged)),
+                metadata={"lmforge": "1", "run_name": name, "sweep": sweep_dir} | ({"tracking_uri": uri} if uri else {}))
+    print(f"job:         {job_id}  (on {cluster.shown}; code and config shipped: {shipped / 2**10:.0f} KiB)")
+    print(f"sweep:       {name}")
+    print(f"results:     {sweep_dir}")
+    if uri:
+        print(f"mlflow:      {uri}  (a parent run {name}, one child run per trial)")
+    print(f"follow:      lmforge logs {job_id} --follow    (stop: lmforge stop {job_id})")
+    return follow(cluster, job_id) if args.wait else 0
 
 
 def follow(cluster: Cluster, job_id: str) -> int:
@@ -415,6 +462,9 @@ def add_job_commands(commands, verbosity: argparse.ArgumentParser) -> None:
                              "EFS, Filestore): its checkpoints, prepared data and SQLite MLflow store are shared")
     submit.add_argument("--allow-scale-up", action="store_true",
                         help="submit even if the cluster's nodes cannot hold the run now: its autoscaler adds nodes")
+    submit.add_argument("--sweep", action="store_true",
+                        help="run `lmforge sweep` instead of `lmforge train`: the overrides may hold sweep "
+                             "expressions (key=choice(a,b), ...), and resume=<sweep dir> continues a sweep")
     submit.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     submit.set_defaults(func=cmd_submit)
 

@@ -117,7 +117,7 @@ def run_sweep(overrides: list[str], address: str | None = None, worker_env: dict
 
     fixed, checked = plan(overrides)
     cfg, swept = checked.cfg, checked.swept
-    name = cfg.run_name or f"sweep-{cfg.model.name}-{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = sweep_name(cfg)
     sweep_dir = f"{cfg.paths.root}/sweeps/{name}"
     if Path(sweep_dir).exists():
         raise LmforgeError(f"sweep {name} already exists in {sweep_dir}; pass resume={sweep_dir} to continue it")
@@ -132,6 +132,10 @@ def run_sweep(overrides: list[str], address: str | None = None, worker_env: dict
     sweep = Sweep(name, sweep_dir, cfg.paths.root, fixed, [s.expression for s in swept], None, prepared,
                   worker_env or {})
     return execute(cfg, swept, sweep, address, restore=False)
+
+
+def sweep_name(cfg: LmforgeConfig) -> str:
+    return cfg.run_name or f"sweep-{cfg.model.name}-{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def execute(cfg: LmforgeConfig, swept: list[Swept], sweep: Sweep, address: str | None, restore: bool):

@@ -79,6 +79,20 @@ def test_submit_follow_status_and_the_stock_ray_cli_agree(cluster, tmp_path):
     assert any(job in line and "SUCCEEDED" in line and "smoke-job" in line for line in listed.stdout.splitlines())
 
 
+def test_a_sweep_runs_as_a_job_on_the_cluster(cluster, tmp_path):
+    root = tmp_path / "runs"
+    out = run("submit", "--sweep", "--shared-root", "--wait", "experiment=smoke", "trainer.max_steps=4",
+              "trainer.eval_every=2", "checkpoint.every=2", "trainer.log_every=2", "hardware.workers=1",
+              "trainer.lr=choice(3e-3,1e-3)", "sweep.search=grid", "sweep.num_samples=1",
+              "sweep.max_concurrent_trials=1", "sweep.scheduler=none", f"paths.root={root}", "run_name=job-sweep",
+              env=cluster["env"], timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"results:     {root}/sweeps/job-sweep" in out.stdout
+    assert "rerun best:  lmforge train" in out.stdout  # the sweep's own summary, streamed from the job
+    table = (root / "sweeps/job-sweep/trials.csv").read_text().splitlines()
+    assert len(table) == 3, table  # a header and both trials, run by the driver on the cluster
+
+
 def test_stop_ends_a_running_job(cluster, tmp_path):
     root = tmp_path / "runs"
     out = run("submit", "--shared-root", "experiment=smoke", "trainer.max_steps=100000", f"paths.root={root}",
