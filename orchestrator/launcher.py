@@ -358,7 +358,8 @@ def make_trainer(cfg: LmforgeConfig, config_dict: dict, embedded: bool, prepared
     return trainer_class(embedded)(
         _train_loop,
         train_loop_config={"config": config_dict, "prepared": prepared, "mlflow_run_id": mlflow_run_id,
-                           "run_dir": run_dir, "progress": progress, "resume_from": resume_from},
+                           "run_dir": run_dir, "progress": progress, "resume_from": resume_from,
+                           "credentials": worker_credentials(embedded)},
         torch_config=torch_config_class(embedded)(backend=hw.backend),
         scaling_config=ScalingConfig(
             num_workers=(hw.min_workers, hw.workers) if hw.min_workers else hw.workers,
@@ -371,6 +372,20 @@ def make_trainer(cfg: LmforgeConfig, config_dict: dict, embedded: bool, prepared
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env=worker_runtime_env(worker_env), callbacks=callbacks),
     )
+
+
+def worker_credentials(embedded: bool):
+    """The MLflow/W&B login of this process for workers that do not inherit its environment (a cluster this
+    process joined), as an object-store reference: Ray Train exports train_loop_config into its run state,
+    which the dashboard shows, and a runtime_env's env_vars are shown too; an object's contents are not."""
+    from orchestrator.credentials import client_credentials
+
+    credentials = {} if embedded else client_credentials()
+    if not credentials:
+        return None
+    import ray
+
+    return ray.put(credentials)
 
 
 def fit(cfg: LmforgeConfig, config_dict: dict, embedded: bool, prepared: str, mlflow_run_id: str | None,

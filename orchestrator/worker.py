@@ -18,6 +18,7 @@ from model.build import build_model
 from model.objectives import get_objective
 from orchestrator import checkpoint
 from orchestrator.config import from_dict, to_dict
+from orchestrator.credentials import apply_credentials
 from orchestrator.engine import build_engine
 from orchestrator.metrics import StepMeter
 from orchestrator.quiet import silence_loggers
@@ -51,6 +52,8 @@ def train_loop(loop_config: dict) -> None:
     startup = {"worker_started": time.time()}
     if os.environ.get("LMFORGE_VERBOSE") != "1":
         silence_loggers()
+    if loop_config.get("credentials") is not None:  # a cluster joined by address: sign in as the driver does
+        apply_credentials(ray.get(loop_config["credentials"]))
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()

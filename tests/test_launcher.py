@@ -72,3 +72,37 @@ def test_a_head_on_loopback_is_dialled_on_loopback(joined, address):
     assert ray_constants.ENABLE_RAY_CLUSTER is True, "a remote head is dialled as named"
     assert joined(address)["address"] == address
     assert ray_constants.ENABLE_RAY_CLUSTER is False
+
+
+def test_workers_of_a_joined_cluster_get_the_login_from_the_object_store_not_the_config(tmp_path, monkeypatch):
+    """Ray Train exports train_loop_config into its run state (the dashboard shows it), so the MLflow login
+    reaches workers that do not inherit the driver's environment as an object-store reference."""
+    import json
+
+    from orchestrator.credentials import apply_credentials
+    from orchestrator.launcher import make_trainer
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        # Set after Ray started: its worker processes do not have them, as on a cluster joined by address.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-password-123")
+        cfg = load_config(["experiment=smoke", f"paths.root={tmp_path}"])
+        loop = make_trainer(cfg, {}, False, "prepared", None, f"{tmp_path}/runs/r", None, {}).train_loop_config
+        assert isinstance(loop["credentials"], ray.ObjectRef)
+        assert "s3cret-password-123" not in json.dumps(loop, default=str)
+
+        @ray.remote
+        def signed_in(loop_config):  # nested in a dict, as in train_loop_config: Ray passes the reference
+            before = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+            apply_credentials(ray.get(loop_config["credentials"]))
+            return before, os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+
+        assert ray.get(signed_in.remote({"credentials": loop["credentials"]})) == (None, "trainer",
+                                                                                   "s3cret-password-123")
+        embedded = make_trainer(cfg, {}, True, "prepared", None, f"{tmp_path}/runs/r", None, {})
+        assert embedded.train_loop_config["credentials"] is None  # its workers inherit this environment
+    finally:
+        ray.shutdown()
