@@ -289,15 +289,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     job_id = f"lmforge-{label}-{secrets.token_hex(3)}"
     run_dir = f"{storage_root(cfg)}/{run_name}" if run_name else f"the run of {cfg.resume}"
     uri = redact_value(tracking_uri(cfg.tracking, cfg.paths.root))
-    with tempfile.TemporaryDirectory(prefix="lmforge-job-") as staged:
-        shipped = stage_code(Path(staged))
-        with cluster.errors():
-            cluster.client.submit_job(
-                entrypoint=shlex.join(["lmforge", "train", *overrides]), submission_id=job_id,
-                runtime_env=runtime_env(Path(staged)),
-                metadata={"lmforge": "1", "run_name": run_name or label, "checkpoints": run_dir,
-                          "tracking_uri": uri})
-    print(f"job:         {job_id}  (on {cluster.shown}; code and config shipped: {shipped / 2**10:.0f} KiB)")
+    send(cluster, job_id, ["lmforge", "train", *overrides],
+         {"lmforge": "1", "run_name": run_name or label, "checkpoints": run_dir, "tracking_uri": uri})
     print(f"run:         {run_name or label}")
     print(f"checkpoints: {run_dir}")
     print(f"mlflow:      {uri}  (experiment {cfg.tracking.experiment}, run {run_name or label})")
@@ -305,6 +298,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     return follow(cluster, job_id)
+
+
+def send(cluster: Cluster, job_id: str, command: list[str], metadata: dict) -> None:
+    """Submit `command` as the job `job_id`, shipping lmforge's code and config, and say where it went."""
+    with tempfile.TemporaryDirectory(prefix="lmforge-job-") as staged:
+        shipped = stage_code(Path(staged))
+        with cluster.errors():
+            cluster.client.submit_job(entrypoint=shlex.join(command), submission_id=job_id,
+                                      runtime_env=runtime_env(Path(staged)), metadata=metadata)
+    print(f"job:         {job_id}  (on {cluster.shown}; code and config shipped: {shipped / 2**10:.0f} KiB)")
 
 
 def submit_sweep(args: argparse.Namespace) -> int:
@@ -336,14 +339,8 @@ def submit_sweep(args: argparse.Namespace) -> int:
         uri = redact_value(tracking_uri(cfg.tracking, cfg.paths.root))
     cluster = Cluster(args.address)
     job_id = f"lmforge-{name}-{secrets.token_hex(3)}"
-    with tempfile.TemporaryDirectory(prefix="lmforge-job-") as staged:
-        shipped = stage_code(Path(staged))
-        with cluster.errors():
-            cluster.client.submit_job(
-                entrypoint=shlex.join(["lmforge", "sweep", *entry]), submission_id=job_id,
-                runtime_env=runtime_env(Path(staged)),
-                metadata={"lmforge": "1", "run_name": name, "sweep": sweep_dir} | ({"tracking_uri": uri} if uri else {}))
-    print(f"job:         {job_id}  (on {cluster.shown}; code and config shipped: {shipped / 2**10:.0f} KiB)")
+    send(cluster, job_id, ["lmforge", "sweep", *entry],
+         {"lmforge": "1", "run_name": name, "sweep": sweep_dir} | ({"tracking_uri": uri} if uri else {}))
     print(f"sweep:       {name}")
     print(f"results:     {sweep_dir}")
     if uri:
